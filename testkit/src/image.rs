@@ -1,0 +1,1 @@
+//! Deterministic OCI test images (work in progress).

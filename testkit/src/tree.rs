@@ -1,0 +1,1 @@
+//! Filesystem tree snapshots (work in progress).
