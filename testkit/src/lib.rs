@@ -17,6 +17,7 @@
 //! Tests needing an external tool that is truly absent call [`require_tool`], which prints
 //! a loud `SKIPPED:` line.
 
+pub mod containerd;
 pub mod image;
 pub mod registry;
 pub mod tree;
