@@ -1,0 +1,60 @@
+# Stoker: build, test and lint the workspace. Every target is non-interactive (CI runs
+# `.ci/run`, which runs `make test`).
+#
+#   make deps        install the Debian packages tests run against (idempotent)
+#   make build       build every crate and target
+#   make test        deps + all tests (tests that need root/FUSE/containerd run for real as root)
+#   make lint        rustfmt check + clippy with warnings as errors
+#   make bench       benchmarks (BENCHMARKS.md)
+#   make demo        end-to-end demo
+#   make fuzz-smoke  short fuzzing run of the index decoder
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export DEBIAN_FRONTEND := noninteractive
+CARGO ?= cargo
+
+# Real components the tests run on loopback (see docs and testkit/).
+APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2
+
+.PHONY: all deps build test lint bench demo fuzz-smoke
+
+all: build
+
+deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then \
+		echo "deps: all installed ($(APT_PACKAGES))"; \
+	else \
+		echo "deps: installing$$missing"; \
+		sudo_cmd=""; [ "$$(id -u)" -eq 0 ] || sudo_cmd="sudo"; \
+		$$sudo_cmd apt-get update -q; \
+		$$sudo_cmd apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+test: deps
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Runs the benchmark binary once one exists; others add it to the CLI crate.
+bench:
+	@if $(CARGO) metadata --no-deps --format-version 1 | grep '"name":"stoker-bench"' >/dev/null; then \
+		$(CARGO) run --release -p stoker-cli --bin stoker-bench; \
+	else \
+		echo "bench: no benchmarks exist yet (stoker-bench is not built by any crate)"; \
+	fi
+
+demo:
+	@echo "demo: not ready yet"
+
+fuzz-smoke:
+	@echo "fuzz-smoke: no fuzz targets yet"
