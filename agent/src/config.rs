@@ -1,0 +1,391 @@
+//! The agent's configuration: one YAML file, every setting optional with a documented
+//! default (agent/README.md lists them all), and `STOKER_*` environment overrides.
+//!
+//! Precedence: defaults < YAML file (`--config PATH`) < environment variables.
+//! Unknown keys in the file are an error, so a typo does not silently keep a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+
+/// Everything the agent can be configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Unix socket serving containerd's snapshots API; containerd's
+    /// `[proxy_plugins.stoker] address` must name it.
+    pub snapshotter_socket: PathBuf,
+    /// Unix socket serving the agent API (`stoker.agent.v1`) locally.
+    pub api_socket: PathBuf,
+    /// Where the agent keeps its state: snapshot metadata and directories under
+    /// `snapshotter/`, lazy mounts, traces.
+    pub state_dir: PathBuf,
+    pub cache: CacheConfig,
+    pub registry: RegistryConfig,
+    pub timeouts: TimeoutConfig,
+    pub prefetch: PrefetchConfig,
+}
+
+/// The on-disk chunk cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory of the chunk cache; `<state_dir>/cache` when not set.
+    pub dir: Option<PathBuf>,
+    /// Upper bound of the cache's size on disk, in bytes.
+    pub max_bytes: u64,
+}
+
+/// How registries are reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Mirrors per registry host, tried in order before the registry itself, e.g.
+    /// `docker.io: ["https://mirror.example"]`.
+    pub mirrors: BTreeMap<String, Vec<String>>,
+    /// Registry hosts (`HOST[:PORT]`) reached over plain HTTP. Loopback hosts
+    /// (`localhost`, `127.0.0.0/8`, `[::1]`) fall back to plain HTTP when HTTPS fails
+    /// without being listed, as containerd does.
+    pub insecure: Vec<String>,
+    /// Docker config file with registry credentials (`auths`).
+    pub docker_config: Option<PathBuf>,
+}
+
+/// Network timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutConfig {
+    /// TCP + TLS connection setup to a registry, in seconds.
+    pub connect_secs: u64,
+    /// One registry request (a manifest, or one ranged chunk read), in seconds.
+    pub request_secs: u64,
+    /// Looking up whether an image has a Stoker artifact, in seconds. On timeout the
+    /// image is unpacked normally.
+    pub resolve_secs: u64,
+    /// How long "this image has no Stoker artifact" is remembered, in seconds.
+    pub negative_cache_secs: u64,
+}
+
+/// The prefetch executor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefetchConfig {
+    /// Chunk fetches in flight per prefetch plan.
+    pub concurrency: u32,
+    /// After a plan, fetch the rest of the image in the background.
+    pub background_rest: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            snapshotter_socket: PathBuf::from("/run/stoker/snapshotter.sock"),
+            api_socket: PathBuf::from("/run/stoker/agent.sock"),
+            state_dir: PathBuf::from("/var/lib/stoker"),
+            cache: CacheConfig::default(),
+            registry: RegistryConfig::default(),
+            timeouts: TimeoutConfig::default(),
+            prefetch: PrefetchConfig::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: None,
+            max_bytes: 20 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            mirrors: BTreeMap::new(),
+            insecure: Vec::new(),
+            docker_config: None,
+        }
+    }
+}
+
+impl Default for TimeoutConfig {
+    fn default() -> Self {
+        TimeoutConfig {
+            connect_secs: 5,
+            request_secs: 30,
+            resolve_secs: 10,
+            negative_cache_secs: 60,
+        }
+    }
+}
+
+impl Default for PrefetchConfig {
+    fn default() -> Self {
+        PrefetchConfig {
+            concurrency: 10,
+            background_rest: false,
+        }
+    }
+}
+
+/// The environment variables that override settings, with what they set.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("STOKER_SNAPSHOTTER_SOCKET", "snapshotter_socket"),
+    ("STOKER_API_SOCKET", "api_socket"),
+    ("STOKER_STATE_DIR", "state_dir"),
+    ("STOKER_CACHE_DIR", "cache.dir"),
+    ("STOKER_CACHE_MAX_BYTES", "cache.max_bytes"),
+    (
+        "STOKER_INSECURE_REGISTRIES",
+        "registry.insecure (comma-separated)",
+    ),
+    ("STOKER_DOCKER_CONFIG", "registry.docker_config"),
+    ("STOKER_CONNECT_TIMEOUT_SECS", "timeouts.connect_secs"),
+    ("STOKER_REQUEST_TIMEOUT_SECS", "timeouts.request_secs"),
+    ("STOKER_RESOLVE_TIMEOUT_SECS", "timeouts.resolve_secs"),
+    ("STOKER_NEGATIVE_CACHE_SECS", "timeouts.negative_cache_secs"),
+    ("STOKER_PREFETCH_CONCURRENCY", "prefetch.concurrency"),
+    (
+        "STOKER_PREFETCH_BACKGROUND_REST",
+        "prefetch.background_rest (true/false)",
+    ),
+];
+
+impl Config {
+    /// Defaults, then the YAML file at `path` if given, then the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, AgentError> {
+        Config::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`load`](Self::load) with the environment given as a lookup function.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, AgentError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| AgentError::Config(format!("reading {}: {e}", path.display())))?;
+                Config::from_yaml(&text)
+                    .map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a YAML document; missing settings keep their defaults.
+    pub fn from_yaml(text: &str) -> Result<Config, AgentError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), AgentError> {
+        let path = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let number = |name: &str| -> Result<Option<u64>, AgentError> {
+            env(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        AgentError::Config(format!("{name}={v:?} is not a non-negative integer"))
+                    })
+                })
+                .transpose()
+        };
+        if let Some(p) = path("STOKER_SNAPSHOTTER_SOCKET") {
+            self.snapshotter_socket = p;
+        }
+        if let Some(p) = path("STOKER_API_SOCKET") {
+            self.api_socket = p;
+        }
+        if let Some(p) = path("STOKER_STATE_DIR") {
+            self.state_dir = p;
+        }
+        if let Some(p) = path("STOKER_CACHE_DIR") {
+            self.cache.dir = Some(p);
+        }
+        if let Some(n) = number("STOKER_CACHE_MAX_BYTES")? {
+            self.cache.max_bytes = n;
+        }
+        if let Some(list) = env("STOKER_INSECURE_REGISTRIES") {
+            self.registry.insecure = list
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(p) = path("STOKER_DOCKER_CONFIG") {
+            self.registry.docker_config = Some(p);
+        }
+        if let Some(n) = number("STOKER_CONNECT_TIMEOUT_SECS")? {
+            self.timeouts.connect_secs = n;
+        }
+        if let Some(n) = number("STOKER_REQUEST_TIMEOUT_SECS")? {
+            self.timeouts.request_secs = n;
+        }
+        if let Some(n) = number("STOKER_RESOLVE_TIMEOUT_SECS")? {
+            self.timeouts.resolve_secs = n;
+        }
+        if let Some(n) = number("STOKER_NEGATIVE_CACHE_SECS")? {
+            self.timeouts.negative_cache_secs = n;
+        }
+        if let Some(n) = number("STOKER_PREFETCH_CONCURRENCY")? {
+            self.prefetch.concurrency = u32::try_from(n).map_err(|_| {
+                AgentError::Config(format!("STOKER_PREFETCH_CONCURRENCY={n} is too large"))
+            })?;
+        }
+        if let Some(v) = env("STOKER_PREFETCH_BACKGROUND_REST").filter(|v| !v.is_empty()) {
+            self.prefetch.background_rest = match v.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(AgentError::Config(format!(
+                        "STOKER_PREFETCH_BACKGROUND_REST={other:?} is not true or false"
+                    )));
+                }
+            };
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), AgentError> {
+        for (name, path) in [
+            ("snapshotter_socket", &self.snapshotter_socket),
+            ("api_socket", &self.api_socket),
+            ("state_dir", &self.state_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(AgentError::Config(format!(
+                    "{name} must be an absolute path, got {}",
+                    path.display()
+                )));
+            }
+        }
+        if self.cache.max_bytes == 0 {
+            return Err(AgentError::Config("cache.max_bytes must be above 0".into()));
+        }
+        if self.prefetch.concurrency == 0 {
+            return Err(AgentError::Config(
+                "prefetch.concurrency must be at least 1".into(),
+            ));
+        }
+        for (name, secs) in [
+            ("timeouts.connect_secs", self.timeouts.connect_secs),
+            ("timeouts.request_secs", self.timeouts.request_secs),
+            ("timeouts.resolve_secs", self.timeouts.resolve_secs),
+        ] {
+            if secs == 0 {
+                return Err(AgentError::Config(format!("{name} must be above 0")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the snapshotter keeps its metadata, snapshot directories and lazy mounts.
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.state_dir.join("snapshotter")
+    }
+
+    /// The chunk cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cache"))
+    }
+
+    /// How long "no Stoker artifact" answers are cached.
+    pub fn negative_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.timeouts.negative_cache_secs)
+    }
+
+    /// True when `host` (`HOST[:PORT]`) is listed as insecure or is a loopback address.
+    pub fn allows_plain_http(&self, host: &str) -> bool {
+        if self.registry.insecure.iter().any(|h| h == host) {
+            return true;
+        }
+        let name = match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        name == "localhost"
+            || name
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load_with_env(None, |_| None).expect("defaults");
+        assert_eq!(
+            config.snapshotter_socket,
+            PathBuf::from("/run/stoker/snapshotter.sock")
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/var/lib/stoker"));
+        assert_eq!(config.cache_dir(), PathBuf::from("/var/lib/stoker/cache"));
+        assert_eq!(config.prefetch.concurrency, 10);
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.yaml");
+        std::fs::write(
+            &path,
+            "state_dir: /srv/stoker\ncache:\n  max_bytes: 1000\nregistry:\n  insecure: [\"reg:5000\"]\n  mirrors:\n    docker.io: [\"https://m.example\"]\nprefetch:\n  concurrency: 4\n",
+        )
+        .expect("write");
+        let config = Config::load_with_env(Some(&path), |name| match name {
+            "STOKER_PREFETCH_CONCURRENCY" => Some("7".into()),
+            "STOKER_SNAPSHOTTER_SOCKET" => Some("/tmp/s.sock".into()),
+            _ => None,
+        })
+        .expect("loads");
+        assert_eq!(config.state_dir, PathBuf::from("/srv/stoker"));
+        assert_eq!(config.cache.max_bytes, 1000);
+        assert_eq!(config.prefetch.concurrency, 7);
+        assert_eq!(config.snapshotter_socket, PathBuf::from("/tmp/s.sock"));
+        assert_eq!(
+            config.registry.mirrors["docker.io"],
+            vec!["https://m.example"]
+        );
+        assert!(config.allows_plain_http("reg:5000"));
+        assert!(config.allows_plain_http("127.0.0.1:5000"));
+        assert!(config.allows_plain_http("[::1]:5000"));
+        assert!(config.allows_plain_http("localhost"));
+        assert!(!config.allows_plain_http("registry.example:5000"));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let typo = Config::from_yaml("state_dri: /x\n").expect_err("unknown key");
+        assert!(typo.to_string().contains("state_dri"), "{typo}");
+        let bad_env = Config::load_with_env(None, |name| {
+            (name == "STOKER_CACHE_MAX_BYTES").then(|| "lots".to_string())
+        })
+        .expect_err("bad number");
+        assert!(
+            bad_env.to_string().contains("STOKER_CACHE_MAX_BYTES"),
+            "{bad_env}"
+        );
+        let relative =
+            Config::from_yaml("state_dir: relative\n").and_then(|c| c.validate().map(|_| c));
+        assert!(relative.is_err());
+    }
+}

@@ -1,0 +1,342 @@
+//! Shared helpers for the agent's integration tests: running the agent (in-process
+//! with injected remote-snapshot fakes, or as the real binary), a gRPC client for its
+//! socket, and small runnable test images built from host binaries.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use stoker_agent::AgentError;
+use stoker_agent::snapshotter::{
+    ImageResolver, LazyImage, LazyMounter, NoArtifacts, NoLazyMounts, Snapshotter,
+    SnapshotterOptions, StokerArtifact,
+};
+use stoker_api::snapshots::snapshots_client::SnapshotsClient;
+use stoker_testkit::image::Entry;
+use stoker_testkit::wait_until;
+
+pub const POLL: Duration = Duration::from_millis(20);
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// True when everything the containerd tests need is here; prints SKIPPED otherwise.
+pub fn containerd_tests_can_run(test: &str) -> bool {
+    stoker_testkit::require_root(test)
+        && [
+            "containerd",
+            "ctr",
+            "runc",
+            "docker-registry",
+            "skopeo",
+            "umoci",
+        ]
+        .iter()
+        .all(|tool| stoker_testkit::require_tool(test, tool))
+        && {
+            let ok = Path::new("/proc/filesystems").exists()
+                && std::fs::read_to_string("/proc/filesystems")
+                    .unwrap_or_default()
+                    .contains("overlay");
+            if !ok {
+                eprintln!("SKIPPED: {test}: the kernel has no overlayfs");
+            }
+            ok
+        }
+}
+
+/// A tokio runtime for the async helpers of sync tests.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A snapshots API client on a unix socket.
+pub async fn snapshots_client(socket: &Path) -> SnapshotsClient<tonic::transport::Channel> {
+    let channel = stoker_testkit::containerd::unix_channel(socket)
+        .await
+        .expect("connect to the snapshotter socket");
+    SnapshotsClient::new(channel)
+}
+
+/// The snapshotter serving on a socket from a thread of its own, with injected
+/// resolver and mounter.
+pub struct InProcessAgent {
+    pub socket: PathBuf,
+    pub snapshotter: Arc<Snapshotter>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessAgent {
+    pub fn start(
+        root: &Path,
+        socket: &Path,
+        resolver: Arc<dyn ImageResolver>,
+        mounter: Arc<dyn LazyMounter>,
+    ) -> InProcessAgent {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let (root, socket_path) = (root.to_path_buf(), socket.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let rt = runtime();
+            rt.block_on(async move {
+                let snapshotter = Arc::new(
+                    Snapshotter::open(&root, resolver, mounter, SnapshotterOptions::default())
+                        .await
+                        .expect("open snapshotter"),
+                );
+                let listener =
+                    stoker_agent::server::bind_unix_socket(&socket_path).expect("bind socket");
+                ready_tx.send(snapshotter.clone()).expect("report ready");
+                stoker_agent::server::serve_snapshotter(listener, snapshotter, async {
+                    let _ = shutdown_rx.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let snapshotter = ready_rx
+            .recv_timeout(DEADLINE)
+            .expect("in-process agent started");
+        InProcessAgent {
+            socket: socket.to_path_buf(),
+            snapshotter,
+            shutdown: Some(shutdown_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// An ordinary snapshotter: no image has an artifact.
+    pub fn start_plain(root: &Path, socket: &Path) -> InProcessAgent {
+        InProcessAgent::start(root, socket, Arc::new(NoArtifacts), Arc::new(NoLazyMounts))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for InProcessAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The real `stoker-agent` binary, configured through `STOKER_*` variables.
+pub struct AgentProcess {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn start(state_dir: &Path, socket: &Path) -> AgentProcess {
+        let mut agent = AgentProcess {
+            socket: socket.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            child: None,
+            log: state_dir.with_extension("log"),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_stoker-agent"))
+            .env("STOKER_STATE_DIR", &self.state_dir)
+            .env("STOKER_SNAPSHOTTER_SOCKET", &self.socket)
+            .env("STOKER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start stoker-agent");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        let up = wait_until(DEADLINE, POLL, || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        assert!(up, "stoker-agent did not listen; log:\n{}", self.log_text());
+    }
+
+    /// SIGKILL, as `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL stoker-agent");
+            child.wait().expect("reap stoker-agent");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A resolver that knows one image by its manifest digest.
+pub struct FakeResolver {
+    pub artifacts: HashMap<String, StokerArtifact>,
+    pub calls: AtomicUsize,
+}
+
+impl ImageResolver for FakeResolver {
+    fn resolve<'a>(
+        &'a self,
+        _image_ref: &'a str,
+        manifest_digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let answer = self.artifacts.get(manifest_digest).cloned();
+        Box::pin(async move { Ok(answer) })
+    }
+}
+
+/// A lazy mounter that bind-mounts a directory holding the image's extracted tree.
+pub struct BindMounter {
+    pub tree: PathBuf,
+    pub mounts: AtomicUsize,
+    pub unmounts: AtomicUsize,
+}
+
+impl BindMounter {
+    pub fn new(tree: &Path) -> BindMounter {
+        BindMounter {
+            tree: tree.to_path_buf(),
+            mounts: AtomicUsize::new(0),
+            unmounts: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl LazyMounter for BindMounter {
+    fn mount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        self.mounts.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            run_tool("mount", &["--bind", "-o", "ro"], &[&self.tree, mountpoint]).map_err(
+                |message| AgentError::Remote {
+                    image: image.image_ref.clone(),
+                    message,
+                },
+            )
+        })
+    }
+
+    fn unmount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        self.unmounts.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            run_tool("umount", &[], &[mountpoint]).map_err(|message| AgentError::Remote {
+                image: image.image_ref.clone(),
+                message,
+            })
+        })
+    }
+}
+
+fn run_tool(tool: &str, args: &[&str], paths: &[&Path]) -> Result<(), String> {
+    let output = Command::new(tool)
+        .args(args)
+        .args(paths)
+        .output()
+        .map_err(|e| format!("{tool}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Entries for a shell and `cat` copied from the host with the libraries they load,
+/// so containers can run `sh -c '…'`. Paths follow the host (e.g.
+/// `lib/x86_64-linux-gnu/libc.so.6`, `lib64/ld-linux-x86-64.so.2`).
+pub fn host_shell_entries() -> Vec<Entry> {
+    let mut files: Vec<(String, PathBuf)> = vec![
+        ("bin/sh".into(), PathBuf::from("/bin/sh")),
+        ("bin/cat".into(), PathBuf::from("/bin/cat")),
+    ];
+    for binary in ["/bin/sh", "/bin/cat"] {
+        let output = Command::new("ldd").arg(binary).output().expect("ldd");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|rest| rest.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(path) = path
+                && !files.iter().any(|(_, p)| p == Path::new(path))
+            {
+                files.push((
+                    path.trim_start_matches('/').to_string(),
+                    PathBuf::from(path),
+                ));
+            }
+        }
+    }
+    let mut entries = Vec::new();
+    let mut dirs: Vec<String> = Vec::new();
+    for (inside, host) in files {
+        let mut dir = String::new();
+        for component in Path::new(&inside)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.iter())
+        {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(&component.to_string_lossy());
+            if !dirs.contains(&dir) {
+                dirs.push(dir.clone());
+                entries.push(Entry::dir(dir.clone()));
+            }
+        }
+        let bytes = std::fs::read(&host).expect("read host binary");
+        entries.push(Entry::file(inside, bytes).mode(0o755));
+    }
+    entries
+}
+
+/// Mount points at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    stoker_testkit::containerd::mountpoints_under(&dir.display().to_string())
+}
