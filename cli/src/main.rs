@@ -1,1 +1,53 @@
-fn main() {}
+//! `stoker`: the command-line tool around Stoker's lazy image format.
+//!
+//! - `stoker convert SRC` converts an image and stores the artifact next to it;
+//! - `stoker inspect REF` and `stoker ls REF PATH` read an artifact's index;
+//! - `stoker mount REF DIR` mounts an image lazily (see the agent for containers).
+
+mod image_args;
+mod convert_cmd;
+mod inspect_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "stoker", version, about = "Lazy container images: convert, inspect, mount")]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `debug` or `stoker_registry=trace`.
+    #[arg(long, global = true, env = "STOKER_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image (registry reference or oci:DIR[:TAG]) and store the artifact beside it.
+    Convert(convert_cmd::ConvertArgs),
+    /// Print the summary of an image's Stoker artifact.
+    Inspect(inspect_cmd::InspectArgs),
+    /// List a directory of an image from its index alone.
+    Ls(inspect_cmd::LsArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    stoker_registry::install_crypto_provider();
+    let result = match cli.command {
+        Command::Convert(args) => convert_cmd::run(args).await,
+        Command::Inspect(args) => inspect_cmd::inspect(args).await,
+        Command::Ls(args) => inspect_cmd::ls(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stoker: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

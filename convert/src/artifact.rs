@@ -1,0 +1,189 @@
+//! The artifact that carries a converted image: writing it (manifest last) and
+//! finding it again from the image it refers to.
+//!
+//! Trust chain: image manifest digest → artifact whose `subject` is that digest
+//! → index blob whose digest the artifact lists → chunk digests in the index.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use oci_spec::image::{DescriptorBuilder, ImageManifest, ImageManifestBuilder, MediaType};
+use stoker_format::artifact::*;
+use stoker_format::{ChunkTable, Digest, EncodedIndex, Index, IndexSummary};
+
+use crate::pack::PackStats;
+use crate::source::{ImageStore, Manifest};
+use crate::ConvertError;
+
+/// What one conversion produced, for the summary `stoker convert` prints.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConvertReport {
+    pub source_manifest: String,
+    pub platform: Option<String>,
+    pub artifact: String,
+    pub index_digest: String,
+    /// Compressed index size, and in memory once decoded.
+    pub index_bytes: u64,
+    pub index_raw_bytes: u64,
+    pub summary: IndexSummary,
+    pub packing: PackStats,
+    pub blobs: Vec<(String, u64)>,
+    pub seconds: f64,
+}
+
+impl ConvertReport {
+    /// Uncompressed image bytes per second.
+    pub fn throughput_mb_s(&self) -> f64 {
+        self.packing.bytes_seen as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Result<oci_spec::image::Descriptor, ConvertError> {
+    let digest: oci_spec::image::Digest = digest
+        .to_string()
+        .parse()
+        .map_err(|e| ConvertError::Internal(format!("digest: {e}")))?;
+    DescriptorBuilder::default()
+        .media_type(MediaType::Other(media_type.to_string()))
+        .digest(digest)
+        .size(size)
+        .build()
+        .map_err(|e| ConvertError::Internal(format!("descriptor: {e}")))
+}
+
+/// Pushes the index, the empty config and then the artifact manifest.
+pub(crate) async fn publish(
+    store: &ImageStore,
+    source: &Manifest,
+    platform: Option<String>,
+    index: EncodedIndex,
+    table: &ChunkTable,
+    packing: PackStats,
+    elapsed: Duration,
+) -> Result<ConvertReport, ConvertError> {
+    let decoded = Index::decode_verified(&index.compressed, &index.digest)?;
+    store.put_blob(&index.compressed).await?;
+    store.put_blob(b"{}").await?;
+
+    let mut layers = vec![descriptor(INDEX_MEDIA_TYPE, &index.digest, index.compressed.len() as u64)?];
+    for blob in &table.blobs {
+        layers.push(descriptor(BLOB_MEDIA_TYPE, &blob.digest, blob.size)?);
+    }
+    let summary = decoded.summary();
+    let mut annotations = HashMap::from([(
+        ANNOTATION_FORMAT_VERSION.to_string(),
+        stoker_format::layout::VERSION.to_string(),
+    )]);
+    if let Some(platform) = &platform {
+        annotations.insert(ANNOTATION_PLATFORM.to_string(), platform.clone());
+    }
+    let config = descriptor(EMPTY_CONFIG_MEDIA_TYPE, &Digest::parse(EMPTY_CONFIG_DIGEST)?, 2)?;
+    let subject = descriptor(&source.media_type, &source.digest, source.bytes.len() as u64)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .artifact_type(MediaType::Other(ARTIFACT_TYPE.to_string()))
+        .config(config)
+        .layers(layers)
+        .subject(subject)
+        .annotations(annotations)
+        .build()
+        .map_err(|e| ConvertError::Internal(format!("artifact manifest: {e}")))?;
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| ConvertError::Internal(e.to_string()))?;
+    let artifact = store
+        .put_referrer(&bytes, "application/vnd.oci.image.manifest.v1+json", &source.digest)
+        .await?;
+
+    Ok(ConvertReport {
+        source_manifest: source.digest.to_string(),
+        platform,
+        artifact: artifact.to_string(),
+        index_digest: index.digest.to_string(),
+        index_bytes: index.compressed.len() as u64,
+        index_raw_bytes: index.raw_len as u64,
+        summary,
+        packing,
+        blobs: table.blobs.iter().map(|b| (b.digest.to_string(), b.size)).collect(),
+        seconds: elapsed.as_secs_f64(),
+    })
+}
+
+/// A Stoker artifact, as found from its image.
+#[derive(Clone, Debug)]
+pub struct FoundArtifact {
+    /// The image manifest the artifact's subject names.
+    pub image_manifest: Digest,
+    pub platform: Option<String>,
+    pub artifact: Digest,
+    pub index_digest: Digest,
+    pub index_size: u64,
+    pub blobs: Vec<(Digest, u64)>,
+}
+
+/// Finds the Stoker artifact for `selector` (a tag or digest; for a
+/// multi-platform image, `platform` or the first platform that has one).
+pub async fn find_artifact(
+    store: &ImageStore,
+    selector: &str,
+    platform: Option<&str>,
+) -> Result<FoundArtifact, ConvertError> {
+    let wanted: Vec<String> = platform.map(|p| vec![p.to_string()]).unwrap_or_default();
+    for (platform, manifest) in store.platform_manifests(selector, &wanted).await? {
+        let Some(artifact) = store.referrers(&manifest.digest).await?.pop() else {
+            continue;
+        };
+        return read_artifact(store, &manifest.digest, platform, &artifact).await;
+    }
+    Err(ConvertError::NoArtifact(store.describe(selector)))
+}
+
+/// Reads an artifact manifest and checks that it belongs to `image_manifest`.
+pub async fn read_artifact(
+    store: &ImageStore,
+    image_manifest: &Digest,
+    platform: Option<String>,
+    artifact: &Digest,
+) -> Result<FoundArtifact, ConvertError> {
+    let fetched = store.manifest(&artifact.to_string()).await?;
+    let manifest: ImageManifest = serde_json::from_slice(&fetched.bytes)
+        .map_err(|e| ConvertError::Source(format!("artifact manifest {artifact}: {e}")))?;
+    let subject = manifest
+        .subject()
+        .as_ref()
+        .map(|s| s.digest().to_string())
+        .unwrap_or_default();
+    if subject != image_manifest.to_string() {
+        return Err(ConvertError::Source(format!(
+            "artifact {artifact} names subject {subject:?}, not image {image_manifest}"
+        )));
+    }
+    if manifest.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
+        return Err(ConvertError::Source(format!("artifact {artifact} is not a Stoker artifact")));
+    }
+    let mut index = None;
+    let mut blobs = Vec::new();
+    for layer in manifest.layers() {
+        let digest = Digest::parse(layer.digest().as_ref())?;
+        match layer.media_type().to_string().as_str() {
+            INDEX_MEDIA_TYPE => index = Some((digest, layer.size())),
+            BLOB_MEDIA_TYPE => blobs.push((digest, layer.size())),
+            _ => {}
+        }
+    }
+    let (index_digest, index_size) =
+        index.ok_or_else(|| ConvertError::Source(format!("artifact {artifact} has no index layer")))?;
+    Ok(FoundArtifact {
+        image_manifest: *image_manifest,
+        platform,
+        artifact: *artifact,
+        index_digest,
+        index_size,
+        blobs,
+    })
+}
+
+/// Fetches and verifies the index of an artifact.
+pub async fn load_index(store: &ImageStore, found: &FoundArtifact) -> Result<Index, ConvertError> {
+    let bytes = store.blob(&found.index_digest).await?;
+    Ok(Index::decode_verified(&bytes, &found.index_digest)?)
+}

@@ -1,0 +1,501 @@
+//! Where images come from and artifacts go: a registry repository or an OCI
+//! layout directory. Also the conversion driver, which streams every layer of
+//! each selected platform through the merge and the packer.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use stoker_format::{ChunkTable, Digest, NodeKind, Tree};
+use stoker_registry::RegistryClient;
+use futures::StreamExt;
+use oci_client::Reference;
+use tokio::sync::mpsc;
+
+use crate::artifact::{self, ConvertReport};
+use crate::layer::{Compression, DigestingReader, layer_error, parse_entry};
+use crate::layout::OciLayout;
+use crate::merge::{Applied, LayerMerger};
+use crate::pack::{PackerHandle, StagedBlob};
+use crate::{ConvertError, ConvertOptions};
+
+const MEDIA_INDEX: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// An image repository: in a registry, or an OCI layout on disk.
+#[derive(Clone)]
+pub enum ImageStore {
+    Registry {
+        client: RegistryClient,
+        /// The repository (`host[:port]/name`); its tag or digest is not used.
+        repository: Reference,
+    },
+    Layout(OciLayout),
+}
+
+/// A manifest's bytes, as fetched.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// One layer to convert.
+#[derive(Clone, Debug)]
+struct LayerSource {
+    digest: Digest,
+    size: u64,
+    media_type: String,
+    diff_id: Option<Digest>,
+}
+
+impl ImageStore {
+    /// Parses `host[:port]/name[:tag|@digest]` into a store and the tag or digest.
+    pub fn registry(client: RegistryClient, reference: &str) -> Result<(ImageStore, String), ConvertError> {
+        let parsed = stoker_registry::parse_reference(reference)?;
+        let selector = parsed
+            .digest()
+            .map(str::to_string)
+            .or_else(|| parsed.tag().map(str::to_string))
+            .unwrap_or_else(|| "latest".into());
+        Ok((
+            ImageStore::Registry {
+                client,
+                repository: parsed,
+            },
+            selector,
+        ))
+    }
+
+    /// A human-readable name for messages.
+    pub fn describe(&self, selector: &str) -> String {
+        match self {
+            ImageStore::Registry { repository, .. } => {
+                format!("{}", at_selector(repository, selector))
+            }
+            ImageStore::Layout(layout) => format!("oci:{}:{selector}", layout.dir.display()),
+        }
+    }
+
+    /// Fetches a manifest by tag or digest.
+    pub async fn manifest(&self, selector: &str) -> Result<Manifest, ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => {
+                let fetched = client
+                    .fetch_manifest_at(&at_selector(repository, selector))
+                    .await?;
+                Ok(Manifest {
+                    bytes: fetched.bytes.to_vec(),
+                    media_type: fetched.media_type,
+                    digest: fetched.digest,
+                })
+            }
+            ImageStore::Layout(layout) => {
+                let (media_type, digest) = if selector.starts_with("sha256:") {
+                    (String::new(), Digest::parse(selector)?)
+                } else {
+                    layout.resolve((!selector.is_empty()).then_some(selector))?
+                };
+                let bytes = layout.read_blob(&digest)?;
+                let media_type = if media_type.is_empty() {
+                    sniff_media_type(&bytes)
+                } else {
+                    media_type
+                };
+                Ok(Manifest {
+                    bytes,
+                    media_type,
+                    digest,
+                })
+            }
+        }
+    }
+
+    /// Reads a whole blob into memory, verified (configs, indexes).
+    pub async fn blob(&self, digest: &Digest) -> Result<Vec<u8>, ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => {
+                let mut stream = client.blob_stream(repository, digest);
+                let mut bytes = Vec::new();
+                while let Some(piece) = stream.next().await {
+                    bytes.extend_from_slice(&piece?);
+                }
+                Ok(bytes)
+            }
+            ImageStore::Layout(layout) => layout.read_blob(digest),
+        }
+    }
+
+    /// A blocking reader over a blob, for the layer reader's thread. Registry
+    /// blobs are streamed, and the registry client checks their digest at the end.
+    fn open_blob(&self, digest: &Digest, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Read + Send>, ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => {
+                let stream = client
+                    .blob_stream(repository, digest)
+                    .map(|piece| piece.map_err(std::io::Error::other));
+                let reader = tokio_util::io::StreamReader::new(stream);
+                Ok(Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
+                    Box::pin(reader),
+                    runtime.clone(),
+                )))
+            }
+            ImageStore::Layout(layout) => layout.open_blob(digest),
+        }
+    }
+
+    /// Stores a staged blob and deletes the staging file.
+    async fn put_staged(&self, blob: &StagedBlob) -> Result<(), ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => {
+                if !client.blob_exists(repository, &blob.digest).await? {
+                    let file = tokio::fs::File::open(&blob.path)
+                        .await
+                        .map_err(|e| ConvertError::io(&blob.path, e))?;
+                    let (digest, _) = client
+                        .push_blob_stream(repository, tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+                        .await?;
+                    if digest != blob.digest {
+                        return Err(ConvertError::DigestMismatch {
+                            what: format!("staged blob {}", blob.path.display()),
+                            expected: blob.digest,
+                            actual: digest,
+                        });
+                    }
+                }
+            }
+            ImageStore::Layout(layout) => layout.put_blob_file(&blob.digest, &blob.path)?,
+        }
+        let _ = tokio::fs::remove_file(&blob.path).await;
+        Ok(())
+    }
+
+    pub(crate) async fn put_blob(&self, bytes: &[u8]) -> Result<Digest, ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => {
+                Ok(client.push_blob(repository, bytes.to_vec().into()).await?.0)
+            }
+            ImageStore::Layout(layout) => layout.put_blob(bytes),
+        }
+    }
+
+    /// Pushes an artifact manifest that refers to `subject`, making it findable
+    /// through the referrers API or its tag fallback.
+    pub(crate) async fn put_referrer(
+        &self,
+        manifest: &[u8],
+        media_type: &str,
+        subject: &Digest,
+    ) -> Result<Digest, ConvertError> {
+        match self {
+            ImageStore::Registry { client, repository } => Ok(client
+                .attach_referrer(repository, manifest.to_vec().into(), subject)
+                .await?),
+            ImageStore::Layout(layout) => {
+                layout.add_manifest(manifest, media_type, stoker_format::artifact::ARTIFACT_TYPE)
+            }
+        }
+    }
+
+    /// Digests of the Stoker artifacts whose subject is `subject`.
+    pub async fn referrers(&self, subject: &Digest) -> Result<Vec<Digest>, ConvertError> {
+        let artifact_type = stoker_format::artifact::ARTIFACT_TYPE;
+        match self {
+            ImageStore::Registry { client, repository } => Ok(client
+                .find_referrers(repository, subject, artifact_type)
+                .await?
+                .into_iter()
+                .filter_map(|d| Digest::parse(d.digest().as_ref()).ok())
+                .collect()),
+            ImageStore::Layout(layout) => layout.referrers(subject, artifact_type),
+        }
+    }
+
+    /// The image manifests `selector` stands for: itself, or the platforms of an
+    /// image index (those in `platforms`, or all when it is empty).
+    pub async fn platform_manifests(
+        &self,
+        selector: &str,
+        platforms: &[String],
+    ) -> Result<Vec<(Option<String>, Manifest)>, ConvertError> {
+        let top = self.manifest(selector).await?;
+        if !MEDIA_INDEX.contains(&top.media_type.as_str()) {
+            return Ok(vec![(None, top)]);
+        }
+        let index: ImageIndex = serde_json::from_slice(&top.bytes)
+            .map_err(|e| ConvertError::Source(format!("image index {}: {e}", top.digest)))?;
+        let mut out = Vec::new();
+        for entry in index.manifests() {
+            let Some(platform) = entry.platform() else { continue };
+            let mut name = format!("{}/{}", platform.os(), platform.architecture());
+            if let Some(variant) = platform.variant() {
+                name = format!("{name}/{variant}");
+            }
+            if !platforms.is_empty() && !platforms.iter().any(|p| p == &name) {
+                continue;
+            }
+            let digest = Digest::parse(entry.digest().as_ref())?;
+            out.push((Some(name), self.manifest(&digest.to_string()).await?));
+        }
+        if out.is_empty() {
+            return Err(ConvertError::Source(format!(
+                "image index {} has no platform matching {platforms:?}",
+                top.digest
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// `repository` at a tag or digest.
+fn at_selector(repository: &Reference, selector: &str) -> Reference {
+    let (registry, name) = (repository.registry().to_string(), repository.repository().to_string());
+    if selector.starts_with("sha256:") {
+        Reference::with_digest(registry, name, selector.to_string())
+    } else {
+        Reference::with_tag(registry, name, selector.to_string())
+    }
+}
+
+fn sniff_media_type(bytes: &[u8]) -> String {
+    let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    match value["mediaType"].as_str() {
+        Some(m) => m.to_string(),
+        None if value["manifests"].is_array() => MEDIA_INDEX[0].to_string(),
+        None => "application/vnd.oci.image.manifest.v1+json".to_string(),
+    }
+}
+
+/// Converts the image `selector` names in `store` (every selected platform) and
+/// stores one artifact per platform manifest in the same place.
+pub async fn convert(
+    store: &ImageStore,
+    selector: &str,
+    options: &ConvertOptions,
+) -> Result<Vec<ConvertReport>, ConvertError> {
+    options.chunking.validate()?;
+    let mut reports = Vec::new();
+    for (platform, manifest) in store.platform_manifests(selector, &options.platforms).await? {
+        reports.push(convert_manifest(store, platform, manifest, options).await?);
+    }
+    Ok(reports)
+}
+
+async fn convert_manifest(
+    store: &ImageStore,
+    platform: Option<String>,
+    manifest: Manifest,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
+    let started = Instant::now();
+    let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| ConvertError::Source(format!("image manifest {}: {e}", manifest.digest)))?;
+    let config_digest = Digest::parse(parsed.config().digest().as_ref())?;
+    let config: ImageConfiguration = serde_json::from_slice(&store.blob(&config_digest).await?)
+        .map_err(|e| ConvertError::Source(format!("image config {config_digest}: {e}")))?;
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != parsed.layers().len() {
+        return Err(ConvertError::Source(format!(
+            "image {} has {} layers but its config lists {} diff_ids",
+            manifest.digest,
+            parsed.layers().len(),
+            diff_ids.len()
+        )));
+    }
+    let layers: Vec<LayerSource> = parsed
+        .layers()
+        .iter()
+        .zip(diff_ids)
+        .map(|(layer, diff_id)| {
+            Ok(LayerSource {
+                digest: Digest::parse(layer.digest().as_ref())?,
+                size: layer.size(),
+                media_type: layer.media_type().to_string(),
+                diff_id: Digest::parse(diff_id).ok(),
+            })
+        })
+        .collect::<Result<_, ConvertError>>()?;
+
+    let staging = tempfile::Builder::new()
+        .prefix("stoker-convert-")
+        .tempdir_in(options.staging_dir.clone().unwrap_or_else(std::env::temp_dir))
+        .map_err(|e| ConvertError::Internal(format!("staging dir: {e}")))?;
+
+    // Blobs are uploaded while the next layer is converted.
+    let (blob_tx, mut blob_rx) = mpsc::unbounded_channel::<StagedBlob>();
+    let upload_store = store.clone();
+    let uploader = tokio::spawn(async move {
+        let mut sizes = Vec::new();
+        while let Some(blob) = blob_rx.recv().await {
+            upload_store.put_staged(&blob).await?;
+            sizes.push(blob.size);
+        }
+        Ok::<_, ConvertError>(sizes)
+    });
+
+    let runtime = tokio::runtime::Handle::current();
+    let reader_store = store.clone();
+    let options_for_reader = options.clone();
+    let staging_path = staging.path().to_path_buf();
+    let progress = Arc::new(progress_bar(options.progress, layers.iter().map(|l| l.size).sum()));
+    let progress_for_reader = progress.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        let packer = PackerHandle::start(
+            &staging_path,
+            options_for_reader.zstd_level,
+            ChunkTable::default(),
+            move |blob| {
+                let _ = blob_tx.send(blob);
+            },
+        )?;
+        let mut tree = Tree::default();
+        for layer in &layers {
+            let reader = reader_store.open_blob(&layer.digest, &runtime)?;
+            let reader: Box<dyn Read + Send> = Box::new(progress_for_reader.wrap_read(reader));
+            read_layer(layer, reader, &mut tree, &packer, &options_for_reader)?;
+        }
+        let packed = packer.finish()?;
+        for (node, piece) in packed.pieces {
+            if let Some(NodeKind::File { pieces, .. }) = tree.node_mut(node).map(|n| &mut n.kind) {
+                pieces.push(piece);
+            }
+        }
+        let index = tree.encode(&packed.table, options_for_reader.chunking)?;
+        Ok::<_, ConvertError>((index, packed.table, packed.stats))
+    })
+    .await
+    .map_err(|e| ConvertError::Internal(format!("layer reader: {e}")))?;
+    let (index, table, stats) = match built {
+        Ok(built) => built,
+        Err(e) => {
+            uploader.abort();
+            return Err(e);
+        }
+    };
+    uploader
+        .await
+        .map_err(|e| ConvertError::Internal(format!("uploader: {e}")))??;
+    progress.finish_and_clear();
+
+    artifact::publish(
+        store,
+        &manifest,
+        platform,
+        index,
+        &table,
+        stats,
+        started.elapsed(),
+    )
+    .await
+}
+
+/// Streams one layer: digest check, decompression, tar parsing, merge, chunking.
+fn read_layer(
+    layer: &LayerSource,
+    reader: Box<dyn Read + Send>,
+    tree: &mut Tree,
+    packer: &PackerHandle,
+    options: &ConvertOptions,
+) -> Result<(), ConvertError> {
+    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| layer_error(&layer.digest, entry, reason);
+    let mut compressed = DigestingReader::new(reader);
+    let compression = Compression::from_media_type(&layer.media_type)
+        .ok_or_else(|| err(None, &format!("unsupported layer media type {:?}", layer.media_type)))?;
+    {
+        let decoded: Box<dyn Read + '_> = match compression {
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::new(&mut compressed)
+                    .map_err(|e| err(None, &format!("zstd: {e}")))?,
+            ),
+            Compression::None => Box::new(&mut compressed),
+        };
+        let mut tar_stream = DigestingReader::new(decoded);
+        {
+            let mut archive = tar::Archive::new(&mut tar_stream);
+            let mut merger = LayerMerger::new(tree);
+            let mut last_path: Option<Vec<Vec<u8>>> = None;
+            let entries = archive.entries().map_err(|e| err(None, &e))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|e| err(last_path.as_deref(), &format!("after this entry: {e}")))?;
+                let parsed = parse_entry(&mut entry).map_err(|reason| {
+                    let raw = entry.path_bytes().into_owned();
+                    ConvertError::Layer {
+                        layer: layer.digest,
+                        entry: String::from_utf8_lossy(&raw).into_owned(),
+                        reason,
+                    }
+                })?;
+                let path = parsed.path.clone();
+                check_policy(&parsed, options).map_err(|reason| err(Some(&path), &reason))?;
+                match merger.apply(parsed).map_err(|reason| err(Some(&path), &reason))? {
+                    Applied::File(node) => options
+                        .chunking
+                        .split(&mut entry, |offset, data| {
+                            packer
+                                .chunk(node, offset, data)
+                                .map_err(|e| std::io::Error::other(e.to_string()))
+                        })
+                        .map_err(|e| err(Some(&path), &format!("reading file data: {e}")))?,
+                    Applied::Other => {}
+                }
+                last_path = Some(path);
+            }
+            merger.finish();
+        }
+        if !tar_stream.ends_with_zero_block() {
+            return Err(err(None, &"tar stream is truncated (no end-of-archive marker)"));
+        }
+        let (diff_id, _) = tar_stream.finish().map_err(|e| err(None, &format!("after the archive: {e}")))?;
+        if let Some(expected) = layer.diff_id
+            && expected != diff_id
+        {
+            return Err(ConvertError::DigestMismatch {
+                what: format!("layer {} uncompressed (diff_id)", layer.digest),
+                expected,
+                actual: diff_id,
+            });
+        }
+    }
+    let (digest, _) = compressed.finish().map_err(|e| err(None, &e))?;
+    if digest != layer.digest {
+        return Err(ConvertError::DigestMismatch {
+            what: format!("layer {}", layer.digest),
+            expected: layer.digest,
+            actual: digest,
+        });
+    }
+    packer.end_layer()
+}
+
+fn check_policy(entry: &crate::layer::LayerEntry, options: &ConvertOptions) -> Result<(), String> {
+    use crate::layer::EntryKind;
+    if options.deny_setuid && entry.permissions & 0o6000 != 0 {
+        return Err("setuid/setgid file refused by policy (--deny-setuid)".into());
+    }
+    if options.deny_devices
+        && matches!(entry.kind, EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. })
+    {
+        return Err("device file refused by policy (--deny-devices)".into());
+    }
+    Ok(())
+}
+
+/// A progress bar over compressed layer bytes, hidden unless asked for and on a terminal.
+fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} converting [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
