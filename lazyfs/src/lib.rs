@@ -1,1 +1,187 @@
-//! stoker-lazyfs (placeholder)
+//! # stoker-lazyfs
+//!
+//! A read-only FUSE filesystem over a decoded Stoker image index: the node's
+//! data path as a container sees it.
+//!
+//! registry → fetch → verify → cache → **filesystem** → snapshotter → container
+//!
+//! [`mount`] serves an [`Index`] at a mount point. Metadata (names, attributes,
+//! symlinks, xattrs, directory listings) is answered from the index alone, so a
+//! container can start as soon as the index has arrived. File bytes are read
+//! from the node's chunk cache, and the chunks not there yet are fetched from the
+//! registry by the [`Fetcher`], which verifies every chunk before it is cached or
+//! served: a chunk that fails verification, a registry that stays down past the
+//! fetch deadline, or a disk error makes the read fail with EIO, never return
+//! wrong bytes.
+//!
+//! ## Behaviour
+//!
+//! - **Read-only**: every modifying operation is refused with EROFS, and the mount
+//!   is `ro`. Inode numbers are the index's inode ids + 1, stable for the image, so
+//!   hardlinks share one; owner, mode, times, nlink, rdev and xattrs come from the
+//!   index (the index keeps one time, reported as atime, mtime and ctime).
+//! - **Kernel caching**: names, attributes and negative lookups are cached for
+//!   [`MountOptions::attr_timeout`] (a year by default: the image cannot change);
+//!   files are opened with `FOPEN_KEEP_CACHE`, directories with `FOPEN_CACHE_DIR`;
+//!   symlink targets are cached; `readdirplus` returns attributes with names.
+//! - **Reads** map `offset..offset+size` to the chunks covering it (a binary search
+//!   in the index), take each from a small table of open chunk files, the cache, or
+//!   the fetcher (all missing chunks of one read in one call: coalesced, in
+//!   parallel, single-flight across readers), zero-fill holes and stop at end of
+//!   file.
+//! - **Read-ahead**: each open file asks for the chunks one window
+//!   ([`MountOptions::readahead_bytes`], 4 MiB by default) past its reads, at
+//!   prefetch priority, in batches.
+//! - **Passthrough** (kernel 6.9+): a file whose bytes are all cached is opened with
+//!   a local backing file so the kernel reads it without this process. Single-chunk
+//!   files use the chunk's cache file; other files use a per-file copy assembled in
+//!   the background when [`MountOptions::assembly`] is set. Detected at mount time
+//!   and switched off cleanly if the kernel refuses. Cost of assembled files: the
+//!   file's bytes on disk a second time (bounded by [`AssemblyOptions::max_bytes`],
+//!   least recently used first out), one read and one write to assemble, one read
+//!   to verify on first use per process. Nothing passes through while an access
+//!   trace is recorded.
+//! - **Access tracing**: [`ChunkAccess`] events report each chunk's first read,
+//!   for startup traces and prefetch plans (issue 5), through a bounded channel
+//!   that never blocks a reader.
+//! - **Metrics**: operation counts and latency by operation on the global
+//!   OpenTelemetry meter `"stoker"` (`stoker.fuse.*`), and [`FsCounters`] from
+//!   [`MountHandle::counters`].
+//!
+//! ## Threads and runtime
+//!
+//! FUSE requests are served by [`MountOptions::n_threads`] threads, each with its
+//! own `/dev/fuse` descriptor. The [`Fetcher`] is async: reads that need the
+//! registry block their FUSE thread on a tokio runtime — the caller's if
+//! [`mount`] is called inside a multi-threaded one, otherwise a small runtime
+//! shared by every mount in the process.
+//!
+//! `unsafe` is limited to the `mount(2)`/`umount2(2)` calls.
+
+mod attr;
+mod fs;
+mod metrics;
+mod mount;
+mod passthrough;
+mod read;
+mod trace;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use stoker_fetch::Fetcher;
+use stoker_format::Index;
+use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
+
+pub use metrics::FsCounters;
+pub use mount::{MountHandle, MountOptions, unmount};
+pub use passthrough::AssemblyOptions;
+pub use trace::ChunkAccess;
+
+/// Everything that can go wrong mounting or unmounting.
+#[derive(Debug, thiserror::Error)]
+pub enum LazyFsError {
+    #[error("cannot mount the image at {mountpoint}")]
+    Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot unmount {mountpoint}")]
+    Unmount {
+        mountpoint: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the passthrough assembly directory {dir}")]
+    Assembly {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the fetch runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// State the mount handle shares with the filesystem once the filesystem has
+/// moved into its session.
+pub(crate) struct Shared {
+    metrics: Arc<metrics::Metrics>,
+    trace: trace::AccessTrace,
+    passthrough: passthrough::Passthrough,
+}
+
+/// Mounts `index` read-only at `mountpoint` and serves it on background threads
+/// until the returned handle is unmounted or dropped. Needs root (it calls
+/// `mount(2)`) and an existing directory as mount point.
+pub fn mount(
+    index: Arc<Index>,
+    fetcher: Fetcher,
+    mountpoint: &Path,
+    options: MountOptions,
+) -> Result<MountHandle, LazyFsError> {
+    let runtime = fetch_runtime()?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let assembler = match &options.assembly {
+        Some(assembly) if options.passthrough => Some(
+            passthrough::Assembler::start(
+                assembly,
+                Arc::clone(&index),
+                fetcher.cache().clone(),
+                Arc::clone(&metrics),
+            )
+            .map_err(|source| LazyFsError::Assembly {
+                dir: assembly.dir.clone(),
+                source,
+            })?,
+        ),
+        _ => None,
+    };
+    let shared = Arc::new(Shared {
+        metrics,
+        trace: trace::AccessTrace::new(index.chunk_count()),
+        passthrough: passthrough::Passthrough::new(assembler),
+    });
+    if let Some(sender) = options.access_trace.clone() {
+        shared.trace.start(sender);
+    }
+    let reader = read::Reader::new(
+        Arc::clone(&index),
+        fetcher,
+        runtime,
+        options.readahead_bytes,
+    );
+    let fs = fs::LazyFs::new(
+        index,
+        reader,
+        Arc::clone(&shared),
+        options.attr_timeout,
+        options.passthrough,
+        options.default_permissions,
+    );
+    mount::mount_session(fs, shared, mountpoint, &options)
+}
+
+/// The runtime fetches run on: the caller's if it is multi-threaded (a
+/// current-thread runtime cannot make progress while its only thread waits in a
+/// file system call), otherwise one shared by the process.
+fn fetch_runtime() -> Result<Handle, LazyFsError> {
+    if let Ok(handle) = Handle::try_current() {
+        if handle.runtime_flavor() == RuntimeFlavor::MultiThread {
+            return Ok(handle);
+        }
+    }
+    static SHARED: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    let shared = SHARED.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("stoker-lazyfs-fetch")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    match shared {
+        Ok(runtime) => Ok(runtime.handle().clone()),
+        Err(e) => Err(LazyFsError::Runtime(std::io::Error::other(e.clone()))),
+    }
+}

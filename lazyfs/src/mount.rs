@@ -1,0 +1,360 @@
+//! Mounting and unmounting: the `mount(2)` call, the FUSE session threads, and
+//! the handle that ends them.
+//!
+//! This crate opens `/dev/fuse` and calls `mount(2)` itself (as root) instead of
+//! letting fuser do it, so the process owns the FUSE connection's file
+//! descriptor explicitly: [`MountHandle::fuse_device`] can later be handed to a
+//! successor process so that a restarted agent keeps its mounts alive.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+
+use fuser::{BackgroundSession, Config, Session, SessionACL};
+use tracing::{info, warn};
+
+use crate::passthrough::AssemblyOptions;
+use crate::trace::ChunkAccess;
+use crate::{FsCounters, LazyFsError, Shared};
+
+/// How to mount an image.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Let every user (not only root) use the mount: containers run as any uid.
+    pub allow_other: bool,
+    /// Let the kernel check permission bits against the caller (recommended: it
+    /// is how a container's users are kept apart). Without it the filesystem
+    /// answers `access(2)` itself and does not check `open`.
+    pub default_permissions: bool,
+    /// Honour device files in the image (`nodev` if false).
+    pub dev: bool,
+    /// Honour setuid/setgid bits and `security.capability` (`nosuid` if false).
+    pub suid: bool,
+    /// Source name shown in `/proc/mounts`.
+    pub fsname: String,
+    /// File system subtype: mounts show as `fuse.<subtype>`.
+    pub subtype: Option<String>,
+    /// FUSE worker threads. Each read that waits for the registry holds one.
+    pub n_threads: usize,
+    /// How long the kernel may cache names and attributes. The image never
+    /// changes, so this is long.
+    pub attr_timeout: std::time::Duration,
+    /// Bytes past each read that are fetched ahead (at prefetch priority).
+    /// 0 turns read-ahead off.
+    pub readahead_bytes: u64,
+    /// Use FUSE passthrough for files whose chunks are all cached, if the kernel
+    /// supports it. See the crate docs for what is passed through.
+    pub passthrough: bool,
+    /// Where and how much to assemble per-file backing files, so that multi-chunk
+    /// files can use passthrough too. `None`: only single-chunk files pass through.
+    pub assembly: Option<AssemblyOptions>,
+    /// Start recording first chunk accesses right away (see [`ChunkAccess`]).
+    pub access_trace: Option<SyncSender<ChunkAccess>>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: true,
+            default_permissions: true,
+            dev: true,
+            suid: true,
+            fsname: "stoker".into(),
+            subtype: Some("stoker".into()),
+            n_threads: 8,
+            attr_timeout: std::time::Duration::from_secs(365 * 24 * 3600),
+            readahead_bytes: 4 << 20,
+            passthrough: true,
+            assembly: None,
+            access_trace: None,
+        }
+    }
+}
+
+/// A mounted image. Unmounts when dropped; [`MountHandle::unmount`] does the same
+/// and reports errors.
+pub struct MountHandle {
+    mountpoint: PathBuf,
+    session: Option<BackgroundSession>,
+    fuse_device: OwnedFd,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MountHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountHandle")
+            .field("mountpoint", &self.mountpoint)
+            .field("mounted", &self.session.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MountHandle {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The filesystem's counters since it was mounted.
+    pub fn counters(&self) -> FsCounters {
+        self.shared.metrics.snapshot()
+    }
+
+    /// True if the kernel accepted FUSE passthrough for this mount and no backing
+    /// file has been refused since.
+    pub fn passthrough_enabled(&self) -> bool {
+        self.shared.passthrough.is_enabled()
+    }
+
+    /// Starts a new access trace: each chunk's first read from now on is sent to
+    /// `sender` (see [`ChunkAccess`]). Replaces any trace under way.
+    pub fn start_access_trace(&self, sender: SyncSender<ChunkAccess>) {
+        self.shared.trace.start(sender);
+    }
+
+    /// Stops the access trace under way, if any.
+    pub fn stop_access_trace(&self) {
+        self.shared.trace.stop();
+    }
+
+    /// The FUSE connection's `/dev/fuse` descriptor (a duplicate kept by this
+    /// handle). While any process holds it the kernel keeps the mount's requests
+    /// queued instead of failing them, which is what a handover to a restarted
+    /// agent needs. Not used by this crate otherwise.
+    pub fn fuse_device(&self) -> BorrowedFd<'_> {
+        self.fuse_device.as_fd()
+    }
+
+    /// Unmounts and waits for the session threads to finish. If the mount is busy
+    /// (a process has a file open or its working directory there) it is detached
+    /// lazily instead: it disappears from the tree now and the session ends when
+    /// the last user lets go, in the background.
+    pub fn unmount(mut self) -> Result<(), LazyFsError> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<(), LazyFsError> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        match umount(&self.mountpoint, 0) {
+            Ok(()) => {}
+            // Unmounted behind our back (e.g. `fusermount3 -u`): the session ends by itself.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                umount(&self.mountpoint, libc::MNT_DETACH).map_err(|source| {
+                    LazyFsError::Unmount {
+                        mountpoint: self.mountpoint.clone(),
+                        source,
+                    }
+                })?;
+                warn!(
+                    mountpoint = %self.mountpoint.display(),
+                    "mount busy: detached lazily; it ends when its last user closes"
+                );
+                drop(session.guard);
+                return Ok(());
+            }
+            Err(source) => {
+                self.session = Some(session);
+                return Err(LazyFsError::Unmount {
+                    mountpoint: self.mountpoint.clone(),
+                    source,
+                });
+            }
+        }
+        match session.join() {
+            Ok(()) => {}
+            Err(e) => warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error"),
+        }
+        info!(mountpoint = %self.mountpoint.display(), "unmounted");
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            warn!(error = %e, "unmount on drop failed");
+        }
+    }
+}
+
+/// Mounts `fs` at `mountpoint` and starts its session threads.
+pub(crate) fn mount_session(
+    fs: crate::fs::LazyFs,
+    shared: Arc<Shared>,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<MountHandle, LazyFsError> {
+    let mount_error = |source: io::Error| LazyFsError::Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    let mountpoint = mountpoint.canonicalize().map_err(mount_error)?;
+    let mount_error = |source: io::Error| LazyFsError::Mount {
+        mountpoint: mountpoint.clone(),
+        source,
+    };
+    if !mountpoint.is_dir() {
+        return Err(mount_error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "mount point is not a directory",
+        )));
+    }
+    let device: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| LazyFsError::Mount {
+            mountpoint: mountpoint.clone(),
+            source: io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")),
+        })?;
+    let device = OwnedFd::from(device);
+    sys_mount(&device, &mountpoint, options).map_err(mount_error)?;
+
+    // From here on the kernel has a mount; undo it on any failure.
+    let started = (|| {
+        let kept = device.try_clone()?;
+        let mut config = Config::default();
+        config.n_threads = Some(options.n_threads.max(1));
+        config.clone_fd = true;
+        let acl = if options.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        let session = Session::from_fd(fs, device, acl, config)?;
+        Ok::<_, io::Error>((session.spawn()?, kept))
+    })();
+    match started {
+        Ok((session, fuse_device)) => {
+            info!(mountpoint = %mountpoint.display(), threads = options.n_threads, passthrough = shared.passthrough.is_enabled(), "mounted");
+            Ok(MountHandle {
+                mountpoint,
+                session: Some(session),
+                fuse_device,
+                shared,
+            })
+        }
+        Err(e) => {
+            if let Err(undo) = umount(&mountpoint, libc::MNT_DETACH) {
+                warn!(mountpoint = %mountpoint.display(), error = %undo, "cannot undo a failed mount");
+            }
+            Err(mount_error(e))
+        }
+    }
+}
+
+/// `mount -t fuse.<subtype> <fsname> <mountpoint> -o fd=N,...`, read-only.
+fn sys_mount(device: &OwnedFd, mountpoint: &Path, options: &MountOptions) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
+        device.as_raw_fd()
+    );
+    if options.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    if !options.dev {
+        flags |= libc::MS_NODEV;
+    }
+    if !options.suid {
+        flags |= libc::MS_NOSUID;
+    }
+    let fstype = match &options.subtype {
+        Some(subtype) => format!("fuse.{subtype}"),
+        None => "fuse".to_string(),
+    };
+    let c = |s: &[u8]| {
+        CString::new(s).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "mount argument contains a NUL byte")
+        })
+    };
+    let source = c(options.fsname.as_bytes())?;
+    let target = c(mountpoint.as_os_str().as_bytes())?;
+    let fstype = c(fstype.as_bytes())?;
+    let data = c(data.as_bytes())?;
+    // SAFETY: every pointer is a valid NUL-terminated string that outlives the
+    // call; `data` is the text options string the fuse file system type expects.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) => " (mounting needs root or CAP_SYS_ADMIN)",
+            Some(libc::ENODEV) => " (the fuse kernel module is not loaded)",
+            _ => "",
+        };
+        return Err(io::Error::new(e.kind(), format!("mount(2) failed: {e}{hint}")));
+    }
+    Ok(())
+}
+
+fn umount(mountpoint: &Path, flags: libc::c_int) -> io::Result<()> {
+    let target = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: `target` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(target.as_ptr(), flags) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unmounts whatever FUSE file system is mounted at `mountpoint` (for `stoker
+/// unmount`): `umount2(2)`, detaching lazily if it is busy, and `fusermount3 -u -z`
+/// if this process may not unmount (not root).
+pub fn unmount(mountpoint: &Path) -> Result<(), LazyFsError> {
+    let error = |source: io::Error| LazyFsError::Unmount {
+        mountpoint: mountpoint.to_path_buf(),
+        source,
+    };
+    match umount(mountpoint, 0) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            warn!(mountpoint = %mountpoint.display(), "mount busy: detaching lazily");
+            umount(mountpoint, libc::MNT_DETACH).map_err(error)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let output = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg("--")
+                .arg(mountpoint)
+                .output()
+                .map_err(|e| error(io::Error::new(e.kind(), format!("running fusermount3: {e}"))))?;
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(error(io::Error::other(format!(
+                    "fusermount3 -u failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ))))
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a mount point",
+        ))),
+        Err(e) => Err(error(e)),
+    }
+}

@@ -1,0 +1,594 @@
+//! FUSE passthrough: opening a file with a local backing file so the kernel reads
+//! it directly, without a round trip to this process per read.
+//!
+//! ## What is passed through
+//!
+//! Only files whose bytes are all local and verified:
+//!
+//! - a file that is exactly one chunk (one piece at offset 0 covering the whole
+//!   size) uses the chunk's cache file itself: no extra disk, no copy;
+//! - any other regular file (several chunks, or holes) uses a per-file backing
+//!   file *assembled* from its cached chunks, if [`AssemblyOptions`] are given.
+//!   Cost: the file's bytes are on disk twice (chunk cache + assembled copy, the
+//!   copies bounded by [`AssemblyOptions::max_bytes`], least recently used evicted
+//!   first), one read and one write of the file to assemble it, and one read to
+//!   verify it the first time this process uses it (as the chunk cache does).
+//!   Assembly runs on a background thread, so the open that finds the chunks
+//!   cached is served normally and later opens pass through.
+//!
+//! Nothing is passed through while an access trace is being recorded (those
+//! reads must be seen), nor for empty files.
+//!
+//! ## Kernel rules this follows
+//!
+//! The kernel (6.9+) puts an inode either in "cached I/O" or in "passthrough"
+//! mode while it is open: a passthrough open is refused while a normal open of the
+//! same inode exists, a normal open is refused while a passthrough one exists, and
+//! every passthrough open of an inode must use the same backing file. Either kind
+//! of refusal would surface as EIO in the application, so [`Passthrough`] tracks
+//! open modes per inode and only ever mixes nothing. The mount asks for a maximum
+//! stacking depth of 1, so the mount can still be a lower layer of overlayfs;
+//! backing files must then live on a non-stacked file system (the cache directory
+//! on ext4/xfs, not on overlayfs). If the kernel refuses a backing file for any
+//! reason, passthrough is switched off for the mount and opens fall back to
+//! normal reads.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use fuser::BackingId;
+use sha2::{Digest as _, Sha256};
+use stoker_cache::{CachedChunk, ChunkCache};
+use stoker_format::{Digest, FileKind, Index, InodeId};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// Where and how much to assemble per-file backing files for passthrough.
+#[derive(Clone, Debug)]
+pub struct AssemblyOptions {
+    /// A directory on the same (non-stacked) file system as the chunk cache,
+    /// e.g. `<cache dir>/files`. Created if needed; owned by this mount.
+    pub dir: PathBuf,
+    /// Upper bound on the bytes of assembled files kept there.
+    pub max_bytes: u64,
+}
+
+/// How an open was answered.
+#[derive(Clone, Debug)]
+pub(crate) enum OpenMode {
+    Cached,
+    Passthrough(Arc<BackingId>),
+}
+
+/// Open modes per inode (see the module docs for the kernel's rules).
+enum InodeIo {
+    Cached {
+        opens: u32,
+    },
+    Passthrough {
+        opens: u32,
+        backing: Arc<BackingId>,
+        /// Keeps the backing file pinned (chunk) or in use (assembled file).
+        _source: BackingSource,
+    },
+}
+
+enum BackingSource {
+    Chunk(CachedChunk),
+    Assembled(AssembledFile),
+}
+
+impl BackingSource {
+    fn file(&self) -> &File {
+        match self {
+            BackingSource::Chunk(chunk) => chunk.file(),
+            BackingSource::Assembled(file) => &file.file,
+        }
+    }
+}
+
+pub(crate) struct Passthrough {
+    /// Asked for by the mount options and granted by the kernel, and no backing
+    /// file refused since.
+    enabled: AtomicBool,
+    inodes: Mutex<HashMap<InodeId, InodeIo>>,
+    assembler: Option<Assembler>,
+}
+
+impl Passthrough {
+    pub(crate) fn new(assembler: Option<Assembler>) -> Self {
+        Passthrough {
+            enabled: AtomicBool::new(false),
+            inodes: Mutex::new(HashMap::new()),
+            assembler,
+        }
+    }
+
+    pub(crate) fn enable(&self) {
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<InodeId, InodeIo>> {
+        self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides how to open regular file `id`. `allowed` is false while passthrough
+    /// must not be used (tracing); `open_backing` registers a backing file with
+    /// the kernel.
+    pub(crate) fn open(
+        &self,
+        index: &Index,
+        cache: &ChunkCache,
+        id: InodeId,
+        allowed: bool,
+        open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> OpenMode {
+        if let Some(mode) = self.join_open(id) {
+            return mode;
+        }
+        // Look for a backing file outside the lock: it may hash a file.
+        let source = if allowed && self.is_enabled() {
+            self.backing_source(index, cache, id)
+        } else {
+            None
+        };
+        let mut inodes = self.lock();
+        if let Some(mode) = join(&mut inodes, id) {
+            return mode; // another open of this inode won the race
+        }
+        let Some(source) = source else {
+            inodes.insert(id, InodeIo::Cached { opens: 1 });
+            return OpenMode::Cached;
+        };
+        match open_backing(source.file()) {
+            Ok(backing) => {
+                let backing = Arc::new(backing);
+                inodes.insert(
+                    id,
+                    InodeIo::Passthrough {
+                        opens: 1,
+                        backing: Arc::clone(&backing),
+                        _source: source,
+                    },
+                );
+                OpenMode::Passthrough(backing)
+            }
+            Err(e) => {
+                if self.enabled.swap(false, Ordering::Relaxed) {
+                    warn!(error = %e, "the kernel refused a passthrough backing file; passthrough is off for this mount");
+                }
+                inodes.insert(id, InodeIo::Cached { opens: 1 });
+                OpenMode::Cached
+            }
+        }
+    }
+
+    fn join_open(&self, id: InodeId) -> Option<OpenMode> {
+        join(&mut self.lock(), id)
+    }
+
+    /// Called on release of an open of `id`.
+    pub(crate) fn release(&self, id: InodeId) {
+        let removed = {
+            let mut inodes = self.lock();
+            let last = match inodes.get_mut(&id) {
+                Some(InodeIo::Cached { opens }) | Some(InodeIo::Passthrough { opens, .. }) => {
+                    *opens = opens.saturating_sub(1);
+                    *opens == 0
+                }
+                None => false,
+            };
+            if last { inodes.remove(&id) } else { None }
+        };
+        // Closing the backing id (an ioctl) and unpinning happen outside the lock.
+        drop(removed);
+    }
+
+    /// A verified local file holding exactly the bytes of file `id`, if there is one.
+    fn backing_source(&self, index: &Index, cache: &ChunkCache, id: InodeId) -> Option<BackingSource> {
+        let inode = index.inode(id).filter(|i| i.kind == FileKind::File && i.size > 0)?;
+        let mut pieces = index.file_chunks(id);
+        let first = pieces.next()?;
+        if pieces.next().is_none() && first.file_offset == 0 && u64::from(first.len) == inode.size {
+            let loc = index.chunk(first.chunk)?;
+            return cache.get(&loc.digest).map(BackingSource::Chunk);
+        }
+        let assembler = self.assembler.as_ref()?;
+        assembler.backing_file(index, cache, id).map(BackingSource::Assembled)
+    }
+}
+
+fn join(inodes: &mut HashMap<InodeId, InodeIo>, id: InodeId) -> Option<OpenMode> {
+    match inodes.get_mut(&id)? {
+        InodeIo::Cached { opens } => {
+            *opens += 1;
+            Some(OpenMode::Cached)
+        }
+        InodeIo::Passthrough { opens, backing, .. } => {
+            *opens += 1;
+            Some(OpenMode::Passthrough(Arc::clone(backing)))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Assembled per-file backing files.
+
+/// The identity of a file's content: sha256 over its size and its (offset, chunk
+/// digest) pieces. Files with the same content share one assembled file, across
+/// images too.
+fn content_key(index: &Index, id: InodeId) -> Option<(Digest, u64)> {
+    let inode = index.inode(id)?;
+    let mut hasher = Sha256::new();
+    hasher.update(inode.size.to_le_bytes());
+    for piece in index.file_chunks(id) {
+        let loc = index.chunk(piece.chunk)?;
+        hasher.update(piece.file_offset.to_le_bytes());
+        hasher.update(loc.digest.0);
+    }
+    Some((Digest(hasher.finalize().into()), inode.size))
+}
+
+struct Entry {
+    len: u64,
+    last_used: u64,
+    in_use: u32,
+    verified: bool,
+}
+
+struct Files {
+    entries: HashMap<Digest, Entry>,
+    bytes: u64,
+    tick: u64,
+    /// Keys queued for (or being) assembled or verified.
+    pending: std::collections::HashSet<Digest>,
+}
+
+struct AssemblerShared {
+    dir: PathBuf,
+    max_bytes: u64,
+    files: Mutex<Files>,
+    temp_counter: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// An assembled file in use as a backing file; not evicted while it lives.
+struct AssembledFile {
+    file: File,
+    key: Digest,
+    shared: Arc<AssemblerShared>,
+}
+
+impl Drop for AssembledFile {
+    fn drop(&mut self) {
+        let mut files = self.shared.lock();
+        if let Some(entry) = files.entries.get_mut(&self.key) {
+            entry.in_use = entry.in_use.saturating_sub(1);
+        }
+        let victims = self.shared.evict(&mut files);
+        drop(files);
+        self.shared.delete(&victims);
+    }
+}
+
+/// A job for the assembly thread.
+struct Job {
+    key: Digest,
+    id: InodeId,
+    /// Already on disk, only needs its first-use verification.
+    verify_only: bool,
+}
+
+/// Builds and keeps assembled backing files (see the module docs).
+pub(crate) struct Assembler {
+    shared: Arc<AssemblerShared>,
+    jobs: SyncSender<Job>,
+}
+
+/// Jobs waiting for the assembly thread; further candidates are skipped until
+/// there is room (they are offered again at their next open).
+const JOB_QUEUE: usize = 256;
+
+impl Assembler {
+    /// Opens (creating) the directory, forgets temporary leftovers, indexes the
+    /// files already there (each is verified on first use) and starts the
+    /// assembly thread, which ends when the assembler is dropped.
+    pub(crate) fn start(
+        options: &AssemblyOptions,
+        index: Arc<Index>,
+        cache: ChunkCache,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Assembler> {
+        fs::create_dir_all(&options.dir)?;
+        let mut entries = HashMap::new();
+        let mut bytes = 0;
+        for item in fs::read_dir(&options.dir)? {
+            let item = item?;
+            let path = item.path();
+            let key = item
+                .file_name()
+                .to_str()
+                .and_then(|name| Digest::parse(name).ok());
+            let meta = item.metadata()?;
+            match key {
+                Some(key) if meta.is_file() => {
+                    bytes += meta.len();
+                    entries.insert(
+                        key,
+                        Entry {
+                            len: meta.len(),
+                            last_used: 0,
+                            in_use: 0,
+                            verified: false,
+                        },
+                    );
+                }
+                _ if meta.is_file() => {
+                    // A temporary file from an interrupted assembly.
+                    let _ = fs::remove_file(&path);
+                }
+                _ => warn!(path = %path.display(), "ignoring unexpected entry in the assembly directory"),
+            }
+        }
+        let shared = Arc::new(AssemblerShared {
+            dir: options.dir.clone(),
+            max_bytes: options.max_bytes,
+            files: Mutex::new(Files {
+                entries,
+                bytes,
+                tick: 0,
+                pending: Default::default(),
+            }),
+            temp_counter: AtomicU64::new(0),
+            metrics,
+        });
+        {
+            let mut files = shared.lock();
+            let victims = shared.evict(&mut files);
+            drop(files);
+            shared.delete(&victims);
+        }
+        let (jobs, queue) = std::sync::mpsc::sync_channel(JOB_QUEUE);
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("stoker-assemble".into())
+            .spawn(move || worker.run(queue, &index, &cache))?;
+        info!(dir = %options.dir.display(), files = shared.lock().entries.len(), "passthrough assembly directory ready");
+        Ok(Assembler { shared, jobs })
+    }
+
+    /// The verified assembled file for `id`, or `None` after queueing whatever
+    /// would make one available for a later open.
+    fn backing_file(&self, index: &Index, cache: &ChunkCache, id: InodeId) -> Option<AssembledFile> {
+        let (key, size) = content_key(index, id)?;
+        if size > self.shared.max_bytes {
+            return None;
+        }
+        let shared = &self.shared;
+        let mut files = shared.lock();
+        files.tick += 1;
+        let tick = files.tick;
+        let job = match files.entries.get_mut(&key) {
+            Some(entry) if entry.verified => {
+                let file = File::open(shared.path(&key)).ok()?;
+                entry.in_use += 1;
+                entry.last_used = tick;
+                return Some(AssembledFile {
+                    file,
+                    key,
+                    shared: Arc::clone(shared),
+                });
+            }
+            Some(_) => Job {
+                key,
+                id,
+                verify_only: true,
+            },
+            None => {
+                let all_cached = index
+                    .file_chunks(id)
+                    .filter_map(|piece| index.chunk(piece.chunk))
+                    .all(|loc| cache.contains(&loc.digest));
+                if !all_cached {
+                    return None;
+                }
+                Job {
+                    key,
+                    id,
+                    verify_only: false,
+                }
+            }
+        };
+        if files.pending.insert(key) {
+            match self.jobs.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                    files.pending.remove(&job.key);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl AssemblerShared {
+    fn lock(&self) -> MutexGuard<'_, Files> {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn path(&self, key: &Digest) -> PathBuf {
+        self.dir.join(key.hex())
+    }
+
+    fn run(&self, queue: Receiver<Job>, index: &Index, cache: &ChunkCache) {
+        for job in queue {
+            let outcome = if job.verify_only {
+                verify_assembled(&self.path(&job.key), index, job.id)
+            } else {
+                self.assemble(index, cache, &job)
+            };
+            let mut files = self.lock();
+            files.pending.remove(&job.key);
+            match outcome {
+                Ok(()) => {
+                    if !job.verify_only {
+                        let len = index.inode(job.id).map_or(0, |i| i.size);
+                        files.bytes += len;
+                        let last_used = files.tick;
+                        files.entries.insert(
+                            job.key,
+                            Entry {
+                                len,
+                                last_used,
+                                in_use: 0,
+                                verified: true,
+                            },
+                        );
+                        self.metrics.file_assembled();
+                        debug!(path = %String::from_utf8_lossy(&index.path_of(job.id)), bytes = len, "assembled passthrough backing file");
+                    } else if let Some(entry) = files.entries.get_mut(&job.key) {
+                        entry.verified = true;
+                    }
+                }
+                Err(problem) => {
+                    warn!(key = %job.key, %problem, "passthrough backing file not usable; dropping it");
+                    if let Some(entry) = files.entries.get(&job.key) {
+                        if entry.in_use == 0 {
+                            files.bytes -= entry.len;
+                            files.entries.remove(&job.key);
+                            let _ = fs::remove_file(self.path(&job.key));
+                        }
+                    }
+                }
+            }
+            let victims = self.evict(&mut files);
+            drop(files);
+            self.delete(&victims);
+        }
+    }
+
+    /// Writes the file from its cached chunks into a temporary file, then renames
+    /// it into place. Holes are left as holes (they read as zeros).
+    fn assemble(&self, index: &Index, cache: &ChunkCache, job: &Job) -> Result<(), String> {
+        let size = index.inode(job.id).map_or(0, |i| i.size);
+        let serial = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let temp = self
+            .dir
+            .join(format!("tmp.{}.{}.{serial}", job.key.hex(), std::process::id()));
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(|e| format!("create {}: {e}", temp.display()))?;
+            file.set_len(size).map_err(|e| format!("size {}: {e}", temp.display()))?;
+            let mut buffer = Vec::new();
+            for piece in index.file_chunks(job.id) {
+                let loc = index
+                    .chunk(piece.chunk)
+                    .ok_or_else(|| format!("unknown chunk {}", piece.chunk))?;
+                // `get` verifies the chunk file on its first use in this process.
+                let chunk = cache
+                    .get(&loc.digest)
+                    .ok_or_else(|| format!("chunk {} left the cache", loc.digest))?;
+                buffer.resize(piece.len as usize, 0);
+                let got = chunk
+                    .read_at(0, &mut buffer)
+                    .map_err(|e| format!("read chunk {}: {e}", loc.digest))?;
+                if got != buffer.len() {
+                    return Err(format!("chunk {} is short", loc.digest));
+                }
+                file.write_all_at(&buffer, piece.file_offset)
+                    .map_err(|e| format!("write {}: {e}", temp.display()))?;
+            }
+            file.flush().map_err(|e| e.to_string())?;
+            fs::rename(&temp, self.path(&job.key))
+                .map_err(|e| format!("rename {}: {e}", temp.display()))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+
+    /// Picks least recently used files not in use until the total fits.
+    fn evict(&self, files: &mut Files) -> Vec<Digest> {
+        let mut victims = Vec::new();
+        while files.bytes > self.max_bytes {
+            let Some((key, len)) = files
+                .entries
+                .iter()
+                .filter(|(_, e)| e.in_use == 0)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, e)| (*k, e.len))
+            else {
+                break;
+            };
+            files.entries.remove(&key);
+            files.bytes -= len;
+            victims.push(key);
+        }
+        victims
+    }
+
+    fn delete(&self, victims: &[Digest]) {
+        for key in victims {
+            if let Err(e) = fs::remove_file(self.path(key)) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    warn!(key = %key, error = %e, "cannot delete assembled file");
+                }
+            }
+        }
+    }
+}
+
+/// Checks an assembled file against the index: its size, every piece's sha256,
+/// and zeros in the holes.
+fn verify_assembled(path: &Path, index: &Index, id: InodeId) -> Result<(), String> {
+    let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let size = index.inode(id).map_or(0, |i| i.size);
+    let actual = file.metadata().map_err(|e| e.to_string())?.len();
+    if actual != size {
+        return Err(format!("{} is {actual} bytes, the file is {size}", path.display()));
+    }
+    let mut buffer = Vec::new();
+    let mut position = 0u64;
+    let check_zeros = |from: u64, to: u64, buffer: &mut Vec<u8>| -> Result<(), String> {
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(1 << 20) as usize;
+            buffer.resize(n, 0);
+            file.read_exact_at(buffer, at).map_err(|e| e.to_string())?;
+            if buffer.iter().any(|b| *b != 0) {
+                return Err(format!("hole at {at} is not zero"));
+            }
+            at += n as u64;
+        }
+        Ok(())
+    };
+    for piece in index.file_chunks(id) {
+        check_zeros(position, piece.file_offset, &mut buffer)?;
+        let loc = index
+            .chunk(piece.chunk)
+            .ok_or_else(|| format!("unknown chunk {}", piece.chunk))?;
+        buffer.resize(piece.len as usize, 0);
+        file.read_exact_at(&mut buffer, piece.file_offset)
+            .map_err(|e| e.to_string())?;
+        if Digest::of(&buffer) != loc.digest {
+            return Err(format!("bytes at {} do not hash to chunk {}", piece.file_offset, loc.digest));
+        }
+        position = piece.file_offset + u64::from(piece.len);
+    }
+    check_zeros(position, size, &mut buffer)
+}

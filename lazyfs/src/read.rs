@@ -1,0 +1,285 @@
+//! The read path: file bytes `offset..offset+size` → the chunks covering them →
+//! verified chunk data (open-chunk table, then the cache, then the fetcher) →
+//! one reply buffer, holes zero-filled, short at end of file.
+//!
+//! Warm reads never leave the FUSE thread: a chunk already open in the small
+//! open-chunk table, or present in the cache, is read with `pread`. Only missing
+//! chunks go to the [`Fetcher`], all of a read's missing chunks in one call (which
+//! coalesces and fetches them in parallel) on the tokio runtime.
+//!
+//! Read-ahead: each open file remembers how far ahead chunks have been asked for.
+//! When a read comes within half a window of that mark, the chunks up to one
+//! window past the read are handed to [`Fetcher::prefetch`] in one batch, in the
+//! background, at prefetch priority, so they never delay a reader's own fetch.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use stoker_cache::ChunkCache;
+use stoker_fetch::{ChunkData, FetchError, Fetcher, Priority};
+use stoker_format::{ChunkLocation, FileChunk, Index, InodeId};
+use tokio::runtime::Handle;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::trace::{AccessTrace, Offered};
+
+/// Why a read failed. Every kind is answered with EIO.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("reading cached chunk {chunk}: {source}")]
+    Chunk {
+        chunk: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk {chunk} holds {got} bytes where the index expects {expected}")]
+    ShortChunk { chunk: u32, got: usize, expected: usize },
+    #[error("the index names chunk {0}, which it does not contain")]
+    UnknownChunk(u32),
+}
+
+/// Per-open-file read state.
+#[derive(Debug, Default)]
+pub(crate) struct ReadState {
+    /// File offset up to which chunks have been asked for ahead of the reader.
+    readahead_until: AtomicU64,
+}
+
+/// Chunks recently read, kept open (and pinned in the cache) so a sequential
+/// reader does not reopen the chunk file for every 128 KiB request. Small and
+/// process-bounded: a handful of file descriptors, at most a quarter of the cache.
+struct OpenChunks {
+    capacity: usize,
+    /// Most recently used last.
+    entries: Mutex<Vec<(u32, ChunkData)>>,
+}
+
+impl OpenChunks {
+    fn get(&self, chunk: u32) -> Option<ChunkData> {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = entries.iter().rposition(|(c, _)| *c == chunk)?;
+        let entry = entries.remove(i);
+        let data = entry.1.clone();
+        entries.push(entry);
+        Some(data)
+    }
+
+    fn put(&self, chunk: u32, data: ChunkData) {
+        if self.capacity == 0 || !matches!(data, ChunkData::Cached(_)) {
+            // In-memory chunks are not kept: memory stays bounded by the readers.
+            return;
+        }
+        let evicted = {
+            let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = entries.iter().position(|(c, _)| *c == chunk) {
+                let entry = entries.remove(i);
+                entries.push(entry);
+                return;
+            }
+            entries.push((chunk, data));
+            (entries.len() > self.capacity).then(|| entries.remove(0))
+        };
+        // Dropped outside the lock: unpinning may evict from the cache (file I/O).
+        drop(evicted);
+    }
+}
+
+pub(crate) struct Reader {
+    index: Arc<Index>,
+    fetcher: Fetcher,
+    runtime: Handle,
+    readahead_bytes: u64,
+    open_chunks: OpenChunks,
+}
+
+thread_local! {
+    /// Each FUSE thread's reply buffer, reused across reads.
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Reader {
+    pub(crate) fn new(
+        index: Arc<Index>,
+        fetcher: Fetcher,
+        runtime: Handle,
+        readahead_bytes: u64,
+    ) -> Self {
+        let max_chunk = u64::from(index.chunking().max_chunk_len().max(1));
+        let capacity = (fetcher.cache().capacity() / 4 / max_chunk).clamp(0, 64) as usize;
+        Reader {
+            index,
+            fetcher,
+            runtime,
+            readahead_bytes,
+            open_chunks: OpenChunks {
+                capacity,
+                entries: Mutex::new(Vec::with_capacity(capacity + 1)),
+            },
+        }
+    }
+
+    pub(crate) fn cache(&self) -> &ChunkCache {
+        self.fetcher.cache()
+    }
+
+    /// Reads `size` bytes at `offset` of regular file `id` (of `file_size` bytes)
+    /// and passes them to `reply`. Fewer bytes at end of file; none past it.
+    pub(crate) fn read<R>(
+        &self,
+        id: InodeId,
+        file_size: u64,
+        offset: u64,
+        size: u32,
+        state: &ReadState,
+        trace: &AccessTrace,
+        metrics: &Metrics,
+        reply: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ReadError> {
+        let end = offset.saturating_add(u64::from(size)).min(file_size);
+        if offset >= end {
+            return Ok(reply(&[]));
+        }
+        let pieces: Vec<FileChunk> = self.index.chunks_covering(id, offset..end).collect();
+        for piece in &pieces {
+            if trace.offer(piece.chunk, id, piece.file_offset) == Offered::Dropped {
+                metrics.trace_dropped();
+            }
+        }
+        let data = self.chunk_data(&pieces, id, end, state, metrics)?;
+
+        BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            let len = (end - offset) as usize;
+            buffer.clear();
+            buffer.resize(len, 0); // holes stay zero
+            for (piece, chunk) in pieces.iter().zip(&data) {
+                // The part of this piece inside offset..end, in chunk and buffer coordinates.
+                let piece_end = piece.file_offset + u64::from(piece.len);
+                let from = offset.max(piece.file_offset);
+                let to = end.min(piece_end);
+                let dest = &mut buffer[(from - offset) as usize..(to - offset) as usize];
+                let got = chunk
+                    .read_at(from - piece.file_offset, dest)
+                    .map_err(|source| ReadError::Chunk {
+                        chunk: piece.chunk,
+                        source,
+                    })?;
+                if got != dest.len() {
+                    return Err(ReadError::ShortChunk {
+                        chunk: piece.chunk,
+                        got,
+                        expected: dest.len(),
+                    });
+                }
+            }
+            metrics.read_done(len);
+            Ok(reply(&buffer))
+        })
+    }
+
+    /// The data of every piece, in order: from the open-chunk table or the cache
+    /// when present, the rest from the fetcher in one on-demand call. Starts
+    /// read-ahead before blocking on the fetch.
+    fn chunk_data(
+        &self,
+        pieces: &[FileChunk],
+        id: InodeId,
+        read_end: u64,
+        state: &ReadState,
+        metrics: &Metrics,
+    ) -> Result<Vec<ChunkData>, ReadError> {
+        let mut data: Vec<Option<ChunkData>> = Vec::with_capacity(pieces.len());
+        let mut missing: Vec<ChunkLocation> = Vec::new();
+        for piece in pieces {
+            let loc = self
+                .index
+                .chunk(piece.chunk)
+                .ok_or(ReadError::UnknownChunk(piece.chunk))?;
+            let found = self.open_chunks.get(piece.chunk).or_else(|| {
+                let cached = ChunkData::Cached(Arc::new(self.cache().get(&loc.digest)?));
+                self.open_chunks.put(piece.chunk, cached.clone());
+                Some(cached)
+            });
+            if found.is_none() {
+                missing.push(loc);
+            }
+            data.push(found);
+        }
+        self.read_ahead(id, read_end, state, metrics);
+        if missing.is_empty() {
+            return Ok(data.into_iter().flatten().collect());
+        }
+
+        let fetched = self
+            .runtime
+            .block_on(self.fetcher.fetch_chunks(&missing, Priority::OnDemand))?;
+        let mut fetched = fetched.into_iter();
+        pieces
+            .iter()
+            .zip(data)
+            .map(|(piece, found)| match found {
+                Some(chunk) => Ok(chunk),
+                None => {
+                    let chunk = fetched
+                        .next()
+                        .ok_or(ReadError::UnknownChunk(piece.chunk))?;
+                    self.open_chunks.put(piece.chunk, chunk.clone());
+                    Ok(chunk)
+                }
+            })
+            .collect()
+    }
+
+    /// Asks for the chunks up to one window past `read_end` if the reader has come
+    /// within half a window of what was asked for before.
+    fn read_ahead(&self, id: InodeId, read_end: u64, state: &ReadState, metrics: &Metrics) {
+        let window = self.readahead_bytes;
+        if window == 0 {
+            return;
+        }
+        let asked = state.readahead_until.load(Ordering::Relaxed);
+        if read_end.saturating_add(window / 2) <= asked {
+            return;
+        }
+        let until = read_end.saturating_add(window);
+        let from = asked.max(read_end);
+        if state
+            .readahead_until
+            .compare_exchange(asked, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // a concurrent read of the same file is doing it
+        }
+        let cache = self.cache();
+        let wanted: Vec<ChunkLocation> = self
+            .index
+            .chunks_covering(id, from..until)
+            .filter_map(|piece| self.index.chunk(piece.chunk))
+            .filter(|loc| !cache.contains(&loc.digest))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        metrics.readahead(wanted.len());
+        let fetcher = self.fetcher.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = fetcher.prefetch(&wanted).await {
+                debug!(error = %e, "read-ahead fetch failed; the reader will fetch on demand");
+            }
+        });
+    }
+}
+
+/// Logs a failed read once per call with the file's path.
+pub(crate) fn log_read_error(index: &Index, id: InodeId, offset: u64, error: &ReadError) {
+    warn!(
+        path = %String::from_utf8_lossy(&index.path_of(id)),
+        offset,
+        error = %error,
+        "read failed; answering EIO"
+    );
+}
