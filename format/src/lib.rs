@@ -22,12 +22,14 @@ pub mod digest;
 mod encode;
 pub mod index;
 pub mod layout;
+pub mod plan;
 pub mod tree;
 
 pub use chunking::Chunking;
 pub use digest::{Digest, Hasher};
 pub use encode::EncodedIndex;
 pub use index::{ChunkLocation, FileChunk, FileKind, Index, IndexSummary, Inode, InodeId};
+pub use plan::{Plan, Trace, TraceEntry};
 pub use tree::{
     BlobInfo, ChunkId, ChunkRecord, ChunkTable, FilePiece, Meta, Node, NodeId, NodeKind, Tree,
 };
