@@ -2,7 +2,9 @@
 //! and push to the test registry with skopeo.
 
 use stoker_testkit::image::{
-    StandardImageSizes, paths, standard_test_image_with, unpack_reference,
+    Compression, LargeFileVersions, MEDIA_TYPE_INDEX, StandardImageSizes, blob_path,
+    large_file_versions, multi_platform_images, paths, standard_test_image_with, unpack_reference,
+    write_multi_platform_layout,
 };
 use stoker_testkit::tree::{FileKind, TreeSnapshot};
 use stoker_testkit::{require_root, require_tool};
@@ -102,4 +104,99 @@ fn umoci_unpack_of_standard_image_matches_expected_tree() {
         .expected_tree()
         .expect("expected tree")
         .assert_same(&actual, 50);
+}
+
+#[test]
+fn layouts_are_deterministic() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let image = standard_test_image_with(StandardImageSizes::SMALL);
+    let first = image
+        .write_layout(&work.path().join("a"), "v1")
+        .expect("first");
+    let second = image
+        .write_layout(&work.path().join("b"), "v1")
+        .expect("second");
+    assert_eq!(first, second);
+    let index_a = std::fs::read(work.path().join("a/index.json")).expect("index a");
+    let index_b = std::fs::read(work.path().join("b/index.json")).expect("index b");
+    assert_eq!(index_a, index_b);
+}
+
+#[test]
+fn every_compression_unpacks_to_the_expected_tree() {
+    let test = "every_compression_unpacks_to_the_expected_tree";
+    if !require_tool(test, "umoci") || !require_tool(test, "skopeo") || !require_root(test) {
+        return;
+    }
+    let sizes = StandardImageSizes {
+        sparse_file: 300_000,
+        random_file: 200_000,
+        small_files: 20,
+    };
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let mut image = standard_test_image_with(sizes);
+        for layer in &mut image.layers {
+            layer.compression = compression;
+        }
+        let work = tempfile::tempdir().expect("tempdir");
+        let layout = work.path().join("layout");
+        let written = image.write_layout(&layout, "v1").expect("layout written");
+        assert!(
+            written
+                .layers
+                .iter()
+                .all(|l| l.blob.media_type == compression.media_type())
+        );
+        let rootfs = unpack_reference(&layout, "v1", &work.path().join("bundle"))
+            .unwrap_or_else(|e| panic!("{compression:?}: umoci unpack: {e}"));
+        let actual = TreeSnapshot::capture(&rootfs).expect("capture");
+        image
+            .expected_tree()
+            .expect("expected tree")
+            .assert_same(&actual, 50);
+    }
+}
+
+#[test]
+fn large_file_versions_differ_only_in_the_large_file() {
+    let versions = large_file_versions(2 * 1024 * 1024);
+    let path = LargeFileVersions::PATH.as_bytes();
+    let base = versions.base.expected_tree().expect("base");
+    for (name, other, size) in [
+        (
+            "changed_in_place",
+            &versions.changed_in_place,
+            versions.file_size,
+        ),
+        ("inserted", &versions.inserted, versions.file_size + 1),
+    ] {
+        let other = other.expected_tree().expect(name);
+        let diff = base.diff(&other);
+        assert!(!diff.is_empty(), "{name}");
+        assert!(
+            diff.iter()
+                .all(|line| line.starts_with(LargeFileVersions::PATH)),
+            "{name}: {diff:?}"
+        );
+        assert_eq!(other.get(path).map(|e| e.size), Some(size), "{name}");
+    }
+}
+
+#[test]
+fn multi_platform_layout_has_an_index_with_both_platforms() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let written = write_multi_platform_layout(work.path(), "multi", &multi_platform_images())
+        .expect("layout written");
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob_path(work.path(), &written.index.digest)).expect("index blob"),
+    )
+    .expect("index JSON");
+    let architectures: Vec<&str> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(architectures, ["amd64", "arm64"]);
+    assert_eq!(written.index.media_type, MEDIA_TYPE_INDEX);
 }

@@ -64,10 +64,15 @@ impl MergedTree {
 
 impl ImageBuilder {
     /// The tree this image should unpack to (see the module docs for the semantics).
-    /// Fails for raw or malformed layers, which have no well-defined tree.
+    /// Fails for raw, tampered or malformed layers, which have no well-defined tree.
     pub fn expected_tree(&self) -> Result<TreeSnapshot, TestkitError> {
         let mut tree = MergedTree::default();
         for (index, layer) in self.layers.iter().enumerate() {
+            if layer.corrupt_after_digest || layer.diff_id_override.is_some() {
+                return Err(TestkitError::InvalidImage(format!(
+                    "layer {index} is tampered with: no expected tree"
+                )));
+            }
             let LayerContent::Entries(entries) = &layer.content else {
                 return Err(TestkitError::InvalidImage(format!(
                     "layer {index} is raw: no expected tree"
