@@ -101,17 +101,12 @@ impl TreeSnapshot {
                 } else {
                     [dir.as_slice(), b"/", name.as_bytes()].concat()
                 };
-                let entry = capture_entry(&item.path())?;
+                let (entry, meta) = capture_entry(&item.path())?;
                 if entry.kind == FileKind::Dir {
                     pending.push(relative.clone());
-                } else {
-                    let meta = std::fs::symlink_metadata(item.path()).map_err(|e| {
-                        TestkitError::io(format!("stat {}", item.path().display()), e)
-                    })?;
-                    if meta.nlink() > 1 {
-                        // dev and ino together identify the inode.
-                        inodes.insert(relative.clone(), (meta.dev(), meta.ino()));
-                    }
+                } else if meta.nlink() > 1 {
+                    // dev and ino together identify the inode.
+                    inodes.insert(relative.clone(), (meta.dev(), meta.ino()));
                 }
                 snapshot.entries.insert(relative, entry);
             }
@@ -193,7 +188,7 @@ impl TreeSnapshot {
     }
 }
 
-fn capture_entry(path: &Path) -> Result<EntrySnapshot, TestkitError> {
+fn capture_entry(path: &Path) -> Result<(EntrySnapshot, std::fs::Metadata), TestkitError> {
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| TestkitError::io(format!("stat {}", path.display()), e))?;
     let file_type = meta.file_type();
@@ -236,7 +231,7 @@ fn capture_entry(path: &Path) -> Result<EntrySnapshot, TestkitError> {
         }
         _ => None,
     };
-    Ok(EntrySnapshot {
+    let entry = EntrySnapshot {
         kind,
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
@@ -248,7 +243,8 @@ fn capture_entry(path: &Path) -> Result<EntrySnapshot, TestkitError> {
         symlink_target,
         sha256,
         hardlink_group: None,
-    })
+    };
+    Ok((entry, meta))
 }
 
 /// Major number of a Linux `dev_t` (glibc's `gnu_dev_major` encoding).
@@ -261,11 +257,18 @@ pub fn dev_minor(dev: u64) -> u32 {
     (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
 }
 
+/// Linux's EOPNOTSUPP (= ENOTSUP).
+const EOPNOTSUPP: i32 = 95;
+
 fn read_xattrs(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, TestkitError> {
     let mut xattrs = BTreeMap::new();
     // The xattr crate uses the l*xattr calls: symlinks are not followed.
-    let names = xattr::list(path)
-        .map_err(|e| TestkitError::io(format!("listxattr {}", path.display()), e))?;
+    let names = match xattr::list(path) {
+        Ok(names) => names,
+        // A filesystem without xattr support has none; a missing one shows up in `diff`.
+        Err(e) if e.raw_os_error() == Some(EOPNOTSUPP) => return Ok(xattrs),
+        Err(e) => return Err(TestkitError::io(format!("listxattr {}", path.display()), e)),
+    };
     for name in names {
         if is_ignored_xattr(name.as_bytes()) {
             continue;
