@@ -43,12 +43,12 @@ mod coalesce;
 mod decode;
 mod fetcher;
 mod metrics;
-// mod registry_source;
+mod registry_source;
 mod source;
 
 pub use fetcher::{ChunkData, FetchConfig, Fetcher, Priority};
 pub use metrics::FetchStats;
-// pub use registry_source::RegistrySource;
+pub use registry_source::RegistrySource;
 pub use source::{BlobSource, FetchSourceError};
 pub use stoker_format::{ChunkLocation, Digest};
 

@@ -38,13 +38,17 @@ impl FetchSourceError {
         }
     }
 
-    /// Renders `error` and its whole `source()` chain as `a: b: c`.
+    /// Renders `error` and its `source()` chain as `a: b: c`, skipping causes
+    /// whose text the message already contains.
     pub fn from_error(error: &(dyn Error + 'static), transient: bool) -> Self {
         let mut message = error.to_string();
         let mut cause = error.source();
         while let Some(inner) = cause {
-            message.push_str(": ");
-            message.push_str(&inner.to_string());
+            let text = inner.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
             cause = inner.source();
         }
         FetchSourceError::new(message, transient)

@@ -17,63 +17,9 @@ use stoker_fetch::{
 };
 use tokio::sync::Semaphore;
 
-// ---------------------------------------------------------------------------
-// Test data
+mod common;
 
-/// A data blob of independently zstd-compressed chunks, as the converter writes it.
-struct TestBlob {
-    digest: Digest,
-    bytes: Bytes,
-    chunks: Vec<Vec<u8>>,
-    locs: Vec<ChunkLocation>,
-}
-
-fn chunk_bytes(seed: u32, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
-    (0..len)
-        .map(|i| {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            // Half random, half repetitive: compresses, but not to nothing.
-            if i % 2 == 0 { state as u8 } else { b'x' }
-        })
-        .collect()
-}
-
-/// `count` chunks of `len` bytes, with `gap` junk bytes between them.
-fn make_blob(seed: u32, count: u32, len: usize, gap: usize) -> TestBlob {
-    let chunks: Vec<Vec<u8>> = (0..count)
-        .map(|i| chunk_bytes(seed * 1000 + i, len))
-        .collect();
-    let mut bytes = Vec::new();
-    let mut placed = Vec::new();
-    for chunk in &chunks {
-        if !bytes.is_empty() {
-            bytes.extend(std::iter::repeat_n(0xAA, gap));
-        }
-        let compressed = zstd::bulk::compress(chunk, 3).unwrap();
-        placed.push((bytes.len() as u64, compressed.len() as u32, chunk));
-        bytes.extend_from_slice(&compressed);
-    }
-    let digest = Digest::of(&bytes);
-    let locs = placed
-        .into_iter()
-        .map(|(offset, compressed_len, chunk)| ChunkLocation {
-            digest: Digest::of(chunk),
-            blob: digest,
-            compressed_offset: offset,
-            compressed_len,
-            uncompressed_len: chunk.len() as u32,
-        })
-        .collect();
-    TestBlob {
-        digest,
-        bytes: Bytes::from(bytes),
-        chunks,
-        locs,
-    }
-}
+use common::{TestBlob, make_blob};
 
 // ---------------------------------------------------------------------------
 // The fake source
@@ -150,11 +96,13 @@ impl FakeSource {
         }
         let mut body = data.slice(start..end).to_vec();
         let mut flip = self.flip.lock().unwrap();
-        if let Some((flip_blob, offset, times)) = flip.as_mut() {
-            if *flip_blob == *blob && *times > 0 && range.contains(offset) {
-                body[(*offset - range.start) as usize] ^= 0x55;
-                *times -= 1;
-            }
+        if let Some((flip_blob, offset, times)) = flip.as_mut()
+            && *flip_blob == *blob
+            && *times > 0
+            && range.contains(offset)
+        {
+            body[(*offset - range.start) as usize] ^= 0x55;
+            *times -= 1;
         }
         Ok(Bytes::from(body))
     }
