@@ -53,8 +53,12 @@ pub async fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let (store, selector) = args.registry.open(&args.source)?;
     let options = ConvertOptions {
         chunking: match args.chunking {
-            ChunkingKind::Fixed => Chunking::Fixed { size: args.chunk_size },
-            ChunkingKind::Cdc => Chunking::Cdc { avg_size: args.chunk_size },
+            ChunkingKind::Fixed => Chunking::Fixed {
+                size: args.chunk_size,
+            },
+            ChunkingKind::Cdc => Chunking::Cdc {
+                avg_size: args.chunk_size,
+            },
         },
         zstd_level: args.zstd_level,
         platforms: args.registry.platform.clone(),
@@ -78,19 +82,47 @@ fn print_report(r: &ConvertReport) {
     let s = &r.summary;
     let p = &r.packing;
     let blob_bytes: u64 = r.blobs.iter().map(|b| b.1).sum();
-    println!("converted {}{}", r.source_manifest, r.platform.as_ref().map(|p| format!(" ({p})")).unwrap_or_default());
+    println!(
+        "converted {}{}",
+        r.source_manifest,
+        r.platform
+            .as_ref()
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default()
+    );
     println!("  artifact      {}", r.artifact);
-    println!("  index         {} ({} compressed, {} in memory)", r.index_digest, human(r.index_bytes), human(r.index_raw_bytes));
+    println!(
+        "  index         {} ({} compressed, {} in memory)",
+        r.index_digest,
+        human(r.index_bytes),
+        human(r.index_raw_bytes)
+    );
     println!(
         "  files         {} regular, {} directories, {} symlinks, {} other; {} of file data",
-        s.regular_files, s.directories, s.symlinks, s.other_files, human(s.file_bytes)
+        s.regular_files,
+        s.directories,
+        s.symlinks,
+        s.other_files,
+        human(s.file_bytes)
     );
     println!(
         "  chunks        {} stored ({}), {} duplicates skipped ({}), {} of zeros stored as holes",
-        s.chunks, human(s.chunk_bytes), p.duplicate_chunks, human(p.duplicate_bytes), human(p.zero_bytes)
+        s.chunks,
+        human(s.chunk_bytes),
+        p.duplicate_chunks,
+        human(p.duplicate_bytes),
+        human(p.zero_bytes)
     );
-    println!("  blobs         {} ({} compressed)", r.blobs.len(), human(blob_bytes));
-    println!("  time          {:.2} s, {:.0} MB/s", r.seconds, r.throughput_mb_s());
+    println!(
+        "  blobs         {} ({} compressed)",
+        r.blobs.len(),
+        human(blob_bytes)
+    );
+    println!(
+        "  time          {:.2} s, {:.0} MB/s",
+        r.seconds,
+        r.throughput_mb_s()
+    );
 }
 
 pub fn human(bytes: u64) -> String {
@@ -101,5 +133,9 @@ pub fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

@@ -41,7 +41,10 @@ impl RegistryArgs {
             std::io::stdin()
                 .read_to_string(&mut password)
                 .context("reading the password from standard input")?;
-            config.basic_auth = Some((user.clone(), password.trim_end_matches(['\r', '\n']).to_string()));
+            config.basic_auth = Some((
+                user.clone(),
+                password.trim_end_matches(['\r', '\n']).to_string(),
+            ));
         }
         Ok(RegistryClient::new(config)?)
     }
@@ -59,7 +62,10 @@ impl RegistryArgs {
             return Ok((ImageStore::Layout(layout), tag.to_string()));
         }
         if std::path::Path::new(image).is_dir() {
-            return Ok((ImageStore::Layout(OciLayout::open(image.as_ref())?), String::new()));
+            return Ok((
+                ImageStore::Layout(OciLayout::open(image.as_ref())?),
+                String::new(),
+            ));
         }
         if image.is_empty() {
             bail!("no image named");

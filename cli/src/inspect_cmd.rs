@@ -31,9 +31,13 @@ pub struct LsArgs {
     pub registry: RegistryArgs,
 }
 
-async fn open_index(image: &str, registry: &RegistryArgs) -> anyhow::Result<(stoker_convert::artifact::FoundArtifact, Index)> {
+async fn open_index(
+    image: &str,
+    registry: &RegistryArgs,
+) -> anyhow::Result<(stoker_convert::artifact::FoundArtifact, Index)> {
     let (store, selector) = registry.open(image)?;
-    let found = stoker_convert::find_artifact(&store, &selector, registry.single_platform()?).await?;
+    let found =
+        stoker_convert::find_artifact(&store, &selector, registry.single_platform()?).await?;
     let index = stoker_convert::load_index(&store, &found)
         .await
         .with_context(|| format!("loading index {}", found.index_digest))?;
@@ -56,15 +60,42 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    println!("image     {}{}", found.image_manifest, found.platform.map(|p| format!(" ({p})")).unwrap_or_default());
+    println!(
+        "image     {}{}",
+        found.image_manifest,
+        found
+            .platform
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default()
+    );
     println!("artifact  {}", found.artifact);
-    println!("index     {} ({} compressed, {} in memory), {:?}", found.index_digest, human(found.index_size), human(index.raw_len() as u64), index.chunking());
+    println!(
+        "index     {} ({} compressed, {} in memory), {:?}",
+        found.index_digest,
+        human(found.index_size),
+        human(index.raw_len() as u64),
+        index.chunking()
+    );
     println!(
         "files     {} regular ({}), {} directories, {} symlinks, {} other, {} hardlinked",
-        summary.regular_files, human(summary.file_bytes), summary.directories, summary.symlinks, summary.other_files, summary.hardlinked_files
+        summary.regular_files,
+        human(summary.file_bytes),
+        summary.directories,
+        summary.symlinks,
+        summary.other_files,
+        summary.hardlinked_files
     );
-    println!("chunks    {} ({} uncompressed, {} compressed)", summary.chunks, human(summary.chunk_bytes), human(summary.compressed_chunk_bytes));
-    println!("blobs     {} ({})", found.blobs.len(), human(found.blobs.iter().map(|b| b.1).sum()));
+    println!(
+        "chunks    {} ({} uncompressed, {} compressed)",
+        summary.chunks,
+        human(summary.chunk_bytes),
+        human(summary.compressed_chunk_bytes)
+    );
+    println!(
+        "blobs     {} ({})",
+        found.blobs.len(),
+        human(found.blobs.iter().map(|b| b.1).sum())
+    );
     Ok(())
 }
 
@@ -87,7 +118,9 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
 
 /// `ls -l`-style line: mode, links, owner, size, name (and link target).
 fn line(index: &Index, id: u32, name: &[u8]) -> String {
-    let Some(inode) = index.inode(id) else { return String::new() };
+    let Some(inode) = index.inode(id) else {
+        return String::new();
+    };
     let kind = match inode.kind {
         FileKind::Dir => 'd',
         FileKind::File => '-',

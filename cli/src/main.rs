@@ -4,14 +4,18 @@
 //! - `stoker inspect REF` and `stoker ls REF PATH` read an artifact's index;
 //! - `stoker mount REF DIR` mounts an image lazily (see the agent for containers).
 
-mod image_args;
 mod convert_cmd;
+mod image_args;
 mod inspect_cmd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "stoker", version, about = "Lazy container images: convert, inspect, mount")]
+#[command(
+    name = "stoker",
+    version,
+    about = "Lazy container images: convert, inspect, mount"
+)]
 struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `debug` or `stoker_registry=trace`.
     #[arg(long, global = true, env = "STOKER_LOG", default_value = "warn")]

@@ -11,9 +11,9 @@ use oci_spec::image::{DescriptorBuilder, ImageManifest, ImageManifestBuilder, Me
 use stoker_format::artifact::*;
 use stoker_format::{ChunkTable, Digest, EncodedIndex, Index, IndexSummary};
 
+use crate::ConvertError;
 use crate::pack::PackStats;
 use crate::source::{ImageStore, Manifest};
-use crate::ConvertError;
 
 /// What one conversion produced, for the summary `stoker convert` prints.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -38,7 +38,11 @@ impl ConvertReport {
     }
 }
 
-fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Result<oci_spec::image::Descriptor, ConvertError> {
+fn descriptor(
+    media_type: &str,
+    digest: &Digest,
+    size: u64,
+) -> Result<oci_spec::image::Descriptor, ConvertError> {
     let digest: oci_spec::image::Digest = digest
         .to_string()
         .parse()
@@ -65,7 +69,11 @@ pub(crate) async fn publish(
     store.put_blob(&index.compressed).await?;
     store.put_blob(b"{}").await?;
 
-    let mut layers = vec![descriptor(INDEX_MEDIA_TYPE, &index.digest, index.compressed.len() as u64)?];
+    let mut layers = vec![descriptor(
+        INDEX_MEDIA_TYPE,
+        &index.digest,
+        index.compressed.len() as u64,
+    )?];
     for blob in &table.blobs {
         layers.push(descriptor(BLOB_MEDIA_TYPE, &blob.digest, blob.size)?);
     }
@@ -77,8 +85,16 @@ pub(crate) async fn publish(
     if let Some(platform) = &platform {
         annotations.insert(ANNOTATION_PLATFORM.to_string(), platform.clone());
     }
-    let config = descriptor(EMPTY_CONFIG_MEDIA_TYPE, &Digest::parse(EMPTY_CONFIG_DIGEST)?, 2)?;
-    let subject = descriptor(&source.media_type, &source.digest, source.bytes.len() as u64)?;
+    let config = descriptor(
+        EMPTY_CONFIG_MEDIA_TYPE,
+        &Digest::parse(EMPTY_CONFIG_DIGEST)?,
+        2,
+    )?;
+    let subject = descriptor(
+        &source.media_type,
+        &source.digest,
+        source.bytes.len() as u64,
+    )?;
     let manifest = ImageManifestBuilder::default()
         .schema_version(2u32)
         .media_type(MediaType::ImageManifest)
@@ -91,7 +107,11 @@ pub(crate) async fn publish(
         .map_err(|e| ConvertError::Internal(format!("artifact manifest: {e}")))?;
     let bytes = serde_json::to_vec(&manifest).map_err(|e| ConvertError::Internal(e.to_string()))?;
     let artifact = store
-        .put_referrer(&bytes, "application/vnd.oci.image.manifest.v1+json", &source.digest)
+        .put_referrer(
+            &bytes,
+            "application/vnd.oci.image.manifest.v1+json",
+            &source.digest,
+        )
         .await?;
 
     Ok(ConvertReport {
@@ -103,7 +123,11 @@ pub(crate) async fn publish(
         index_raw_bytes: index.raw_len as u64,
         summary,
         packing,
-        blobs: table.blobs.iter().map(|b| (b.digest.to_string(), b.size)).collect(),
+        blobs: table
+            .blobs
+            .iter()
+            .map(|b| (b.digest.to_string(), b.size))
+            .collect(),
         seconds: elapsed.as_secs_f64(),
     })
 }
@@ -157,8 +181,16 @@ pub async fn read_artifact(
             "artifact {artifact} names subject {subject:?}, not image {image_manifest}"
         )));
     }
-    if manifest.artifact_type().as_ref().map(|t| t.to_string()).as_deref() != Some(ARTIFACT_TYPE) {
-        return Err(ConvertError::Source(format!("artifact {artifact} is not a Stoker artifact")));
+    if manifest
+        .artifact_type()
+        .as_ref()
+        .map(|t| t.to_string())
+        .as_deref()
+        != Some(ARTIFACT_TYPE)
+    {
+        return Err(ConvertError::Source(format!(
+            "artifact {artifact} is not a Stoker artifact"
+        )));
     }
     let mut index = None;
     let mut blobs = Vec::new();
@@ -170,8 +202,8 @@ pub async fn read_artifact(
             _ => {}
         }
     }
-    let (index_digest, index_size) =
-        index.ok_or_else(|| ConvertError::Source(format!("artifact {artifact} has no index layer")))?;
+    let (index_digest, index_size) = index
+        .ok_or_else(|| ConvertError::Source(format!("artifact {artifact} has no index layer")))?;
     Ok(FoundArtifact {
         image_manifest: *image_manifest,
         platform,

@@ -144,7 +144,10 @@ pub fn parse_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<LayerEntry,
     let size = entry.size();
 
     let mut xattrs = BTreeMap::new();
-    if let Some(extensions) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? {
+    if let Some(extensions) = entry
+        .pax_extensions()
+        .map_err(|e| format!("bad PAX header: {e}"))?
+    {
         for ext in extensions {
             let ext = ext.map_err(|e| format!("bad PAX record: {e}"))?;
             let key = ext.key_bytes();
@@ -189,7 +192,12 @@ pub fn parse_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<LayerEntry,
             minor: minor as u32,
         },
         T::Fifo => EntryKind::Fifo,
-        other => return Err(format!("unsupported tar entry type {:?}", other.as_byte() as char)),
+        other => {
+            return Err(format!(
+                "unsupported tar entry type {:?}",
+                other.as_byte() as char
+            ));
+        }
     };
     Ok(LayerEntry {
         path,
@@ -225,7 +233,11 @@ fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
 }
 
 /// Wraps an I/O error from a layer with the layer and entry it came from.
-pub fn layer_error(layer: &Digest, entry: Option<&[Vec<u8>]>, reason: impl std::fmt::Display) -> ConvertError {
+pub fn layer_error(
+    layer: &Digest,
+    entry: Option<&[Vec<u8>]>,
+    reason: impl std::fmt::Display,
+) -> ConvertError {
     ConvertError::Layer {
         layer: *layer,
         entry: entry.map(display_path).unwrap_or_else(|| "-".into()),
@@ -244,7 +256,10 @@ mod tests {
 
     #[test]
     fn paths_stay_inside_the_root() {
-        assert_eq!(split_path(b"./usr//bin/").unwrap(), vec![b"usr".to_vec(), b"bin".to_vec()]);
+        assert_eq!(
+            split_path(b"./usr//bin/").unwrap(),
+            vec![b"usr".to_vec(), b"bin".to_vec()]
+        );
         assert!(split_path(b"/etc/passwd").is_err());
         assert!(split_path(b"a/../../etc").is_err());
         assert!(split_path(b"a/\0b").is_err());
@@ -253,7 +268,10 @@ mod tests {
 
     #[test]
     fn pax_times_keep_nanoseconds() {
-        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
         assert_eq!(parse_pax_time(b"12"), Some((12, 0)));
         assert_eq!(parse_pax_time(b"x"), None);
     }

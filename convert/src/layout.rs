@@ -107,7 +107,12 @@ impl OciLayout {
     }
 
     /// Adds an artifact manifest to `index.json` (replacing an entry with the same digest).
-    pub fn add_manifest(&self, bytes: &[u8], media_type: &str, artifact_type: &str) -> Result<Digest, ConvertError> {
+    pub fn add_manifest(
+        &self,
+        bytes: &[u8],
+        media_type: &str,
+        artifact_type: &str,
+    ) -> Result<Digest, ConvertError> {
         let digest = self.put_blob(bytes)?;
         let mut index = self.index_json()?;
         let entry = json!({
@@ -122,13 +127,18 @@ impl OciLayout {
         manifests.retain(|m| m["digest"] != digest.to_string());
         manifests.push(entry);
         let path = self.dir.join("index.json");
-        let text = serde_json::to_vec_pretty(&index).map_err(|e| ConvertError::Internal(e.to_string()))?;
+        let text =
+            serde_json::to_vec_pretty(&index).map_err(|e| ConvertError::Internal(e.to_string()))?;
         fs::write(&path, text).map_err(|e| ConvertError::io(&path, e))?;
         Ok(digest)
     }
 
     /// Artifact manifests in `index.json` whose subject is `subject`.
-    pub fn referrers(&self, subject: &Digest, artifact_type: &str) -> Result<Vec<Digest>, ConvertError> {
+    pub fn referrers(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Digest>, ConvertError> {
         let index = self.index_json()?;
         let mut found = Vec::new();
         for m in index["manifests"].as_array().into_iter().flatten() {

@@ -51,7 +51,11 @@ pub struct Packed {
 }
 
 enum Message {
-    Chunk { node: NodeId, offset: u64, data: Vec<u8> },
+    Chunk {
+        node: NodeId,
+        offset: u64,
+        data: Vec<u8>,
+    },
     EndLayer,
 }
 
@@ -216,7 +220,13 @@ impl Packer {
         let compressed: Vec<Option<Vec<u8>>> = batch
             .par_iter()
             .zip(is_new.par_iter())
-            .map(|(p, &new)| if new { compress(&p.data, level).map(Some) } else { Ok(None) })
+            .map(|(p, &new)| {
+                if new {
+                    compress(&p.data, level).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
             .collect::<std::io::Result<_>>()
             .map_err(|e| ConvertError::Internal(format!("zstd: {e}")))?;
 
@@ -233,9 +243,9 @@ impl Packer {
                 None => {
                     self.stats.duplicate_chunks += 1;
                     self.stats.duplicate_bytes += len;
-                    self.table
-                        .find(&digest)
-                        .ok_or_else(|| ConvertError::Internal("deduplicated chunk vanished".into()))?
+                    self.table.find(&digest).ok_or_else(|| {
+                        ConvertError::Internal("deduplicated chunk vanished".into())
+                    })?
                 }
             };
             self.pieces.push((
@@ -249,9 +259,16 @@ impl Packer {
         Ok(())
     }
 
-    fn append(&mut self, digest: Digest, uncompressed_len: u32, frame: &[u8]) -> Result<u32, ConvertError> {
+    fn append(
+        &mut self,
+        digest: Digest,
+        uncompressed_len: u32,
+        frame: &[u8],
+    ) -> Result<u32, ConvertError> {
         if self.blob.is_none() {
-            let path = self.staging_dir.join(format!("blob-{}.partial", self.blobs_written));
+            let path = self
+                .staging_dir
+                .join(format!("blob-{}.partial", self.blobs_written));
             let file = File::create(&path).map_err(|e| ConvertError::io(&path, e))?;
             self.blob = Some(BlobWriter {
                 path,
@@ -284,7 +301,9 @@ impl Packer {
         let Some(mut blob) = self.blob.take() else {
             return Ok(None);
         };
-        blob.out.flush().map_err(|e| ConvertError::io(&blob.path, e))?;
+        blob.out
+            .flush()
+            .map_err(|e| ConvertError::io(&blob.path, e))?;
         let digest = blob.hasher.finish();
         let path = self.staging_dir.join(digest.hex());
         std::fs::rename(&blob.path, &path).map_err(|e| ConvertError::io(&path, e))?;

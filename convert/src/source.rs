@@ -6,11 +6,11 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::StreamExt;
+use oci_client::Reference;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use stoker_format::{ChunkTable, Digest, NodeKind, Tree};
 use stoker_registry::RegistryClient;
-use futures::StreamExt;
-use oci_client::Reference;
 use tokio::sync::mpsc;
 
 use crate::artifact::{self, ConvertReport};
@@ -55,7 +55,10 @@ struct LayerSource {
 
 impl ImageStore {
     /// Parses `host[:port]/name[:tag|@digest]` into a store and the tag or digest.
-    pub fn registry(client: RegistryClient, reference: &str) -> Result<(ImageStore, String), ConvertError> {
+    pub fn registry(
+        client: RegistryClient,
+        reference: &str,
+    ) -> Result<(ImageStore, String), ConvertError> {
         let parsed = stoker_registry::parse_reference(reference)?;
         let selector = parsed
             .digest()
@@ -132,7 +135,11 @@ impl ImageStore {
 
     /// A blocking reader over a blob, for the layer reader's thread. Registry
     /// blobs are streamed, and the registry client checks their digest at the end.
-    fn open_blob(&self, digest: &Digest, runtime: &tokio::runtime::Handle) -> Result<Box<dyn Read + Send>, ConvertError> {
+    fn open_blob(
+        &self,
+        digest: &Digest,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Box<dyn Read + Send>, ConvertError> {
         match self {
             ImageStore::Registry { client, repository } => {
                 let stream = client
@@ -157,7 +164,10 @@ impl ImageStore {
                         .await
                         .map_err(|e| ConvertError::io(&blob.path, e))?;
                     let (digest, _) = client
-                        .push_blob_stream(repository, tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+                        .push_blob_stream(
+                            repository,
+                            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+                        )
                         .await?;
                     if digest != blob.digest {
                         return Err(ConvertError::DigestMismatch {
@@ -230,7 +240,9 @@ impl ImageStore {
             .map_err(|e| ConvertError::Source(format!("image index {}: {e}", top.digest)))?;
         let mut out = Vec::new();
         for entry in index.manifests() {
-            let Some(platform) = entry.platform() else { continue };
+            let Some(platform) = entry.platform() else {
+                continue;
+            };
             let mut name = format!("{}/{}", platform.os(), platform.architecture());
             if let Some(variant) = platform.variant() {
                 name = format!("{name}/{variant}");
@@ -253,7 +265,10 @@ impl ImageStore {
 
 /// `repository` at a tag or digest.
 fn at_selector(repository: &Reference, selector: &str) -> Reference {
-    let (registry, name) = (repository.registry().to_string(), repository.repository().to_string());
+    let (registry, name) = (
+        repository.registry().to_string(),
+        repository.repository().to_string(),
+    );
     if selector.starts_with("sha256:") {
         Reference::with_digest(registry, name, selector.to_string())
     } else {
@@ -279,7 +294,10 @@ pub async fn convert(
 ) -> Result<Vec<ConvertReport>, ConvertError> {
     options.chunking.validate()?;
     let mut reports = Vec::new();
-    for (platform, manifest) in store.platform_manifests(selector, &options.platforms).await? {
+    for (platform, manifest) in store
+        .platform_manifests(selector, &options.platforms)
+        .await?
+    {
         reports.push(convert_manifest(store, platform, manifest, options).await?);
     }
     Ok(reports)
@@ -322,7 +340,12 @@ async fn convert_manifest(
 
     let staging = tempfile::Builder::new()
         .prefix("stoker-convert-")
-        .tempdir_in(options.staging_dir.clone().unwrap_or_else(std::env::temp_dir))
+        .tempdir_in(
+            options
+                .staging_dir
+                .clone()
+                .unwrap_or_else(std::env::temp_dir),
+        )
         .map_err(|e| ConvertError::Internal(format!("staging dir: {e}")))?;
 
     // Blobs are uploaded while the next layer is converted.
@@ -341,7 +364,10 @@ async fn convert_manifest(
     let reader_store = store.clone();
     let options_for_reader = options.clone();
     let staging_path = staging.path().to_path_buf();
-    let progress = Arc::new(progress_bar(options.progress, layers.iter().map(|l| l.size).sum()));
+    let progress = Arc::new(progress_bar(
+        options.progress,
+        layers.iter().map(|l| l.size).sum(),
+    ));
     let progress_for_reader = progress.clone();
     let built = tokio::task::spawn_blocking(move || {
         let packer = PackerHandle::start(
@@ -401,10 +427,16 @@ fn read_layer(
     packer: &PackerHandle,
     options: &ConvertOptions,
 ) -> Result<(), ConvertError> {
-    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| layer_error(&layer.digest, entry, reason);
+    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| {
+        layer_error(&layer.digest, entry, reason)
+    };
     let mut compressed = DigestingReader::new(reader);
-    let compression = Compression::from_media_type(&layer.media_type)
-        .ok_or_else(|| err(None, &format!("unsupported layer media type {:?}", layer.media_type)))?;
+    let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
+        err(
+            None,
+            &format!("unsupported layer media type {:?}", layer.media_type),
+        )
+    })?;
     {
         let decoded: Box<dyn Read + '_> = match compression {
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
@@ -421,7 +453,8 @@ fn read_layer(
             let mut last_path: Option<Vec<Vec<u8>>> = None;
             let entries = archive.entries().map_err(|e| err(None, &e))?;
             for entry in entries {
-                let mut entry = entry.map_err(|e| err(last_path.as_deref(), &format!("after this entry: {e}")))?;
+                let mut entry = entry
+                    .map_err(|e| err(last_path.as_deref(), &format!("after this entry: {e}")))?;
                 let parsed = parse_entry(&mut entry).map_err(|reason| {
                     let raw = entry.path_bytes().into_owned();
                     ConvertError::Layer {
@@ -432,7 +465,10 @@ fn read_layer(
                 })?;
                 let path = parsed.path.clone();
                 check_policy(&parsed, options).map_err(|reason| err(Some(&path), &reason))?;
-                match merger.apply(parsed).map_err(|reason| err(Some(&path), &reason))? {
+                match merger
+                    .apply(parsed)
+                    .map_err(|reason| err(Some(&path), &reason))?
+                {
                     Applied::File(node) => options
                         .chunking
                         .split(&mut entry, |offset, data| {
@@ -448,9 +484,14 @@ fn read_layer(
             merger.finish();
         }
         if !tar_stream.ends_with_zero_block() {
-            return Err(err(None, &"tar stream is truncated (no end-of-archive marker)"));
+            return Err(err(
+                None,
+                &"tar stream is truncated (no end-of-archive marker)",
+            ));
         }
-        let (diff_id, _) = tar_stream.finish().map_err(|e| err(None, &format!("after the archive: {e}")))?;
+        let (diff_id, _) = tar_stream
+            .finish()
+            .map_err(|e| err(None, &format!("after the archive: {e}")))?;
         if let Some(expected) = layer.diff_id
             && expected != diff_id
         {
@@ -478,7 +519,10 @@ fn check_policy(entry: &crate::layer::LayerEntry, options: &ConvertOptions) -> R
         return Err("setuid/setgid file refused by policy (--deny-setuid)".into());
     }
     if options.deny_devices
-        && matches!(entry.kind, EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. })
+        && matches!(
+            entry.kind,
+            EntryKind::CharDevice { .. } | EntryKind::BlockDevice { .. }
+        )
     {
         return Err("device file refused by policy (--deny-devices)".into());
     }

@@ -15,7 +15,10 @@ use stoker_testkit::tree::TreeSnapshot;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_image_converts_to_exactly_what_umoci_unpacks() {
     if !have_registry_tools("standard_image_converts_to_exactly_what_umoci_unpacks")
-        || !stoker_testkit::require_tool("standard_image_converts_to_exactly_what_umoci_unpacks", "umoci")
+        || !stoker_testkit::require_tool(
+            "standard_image_converts_to_exactly_what_umoci_unpacks",
+            "umoci",
+        )
     {
         return;
     }
@@ -28,24 +31,38 @@ async fn standard_image_converts_to_exactly_what_umoci_unpacks() {
     let reference = push(&layout, "v1", &registry, "test/standard");
 
     let (store, selector) = ImageStore::registry(plain_client(), &reference).unwrap();
-    let reports = convert(&store, &selector, &ConvertOptions::default()).await.expect("convert");
+    let reports = convert(&store, &selector, &ConvertOptions::default())
+        .await
+        .expect("convert");
     assert_eq!(reports.len(), 1);
     let report = &reports[0];
-    assert!(report.summary.regular_files > 10_000, "{:?}", report.summary);
-    assert!(report.packing.zero_bytes >= 90 << 20, "the sparse file is stored as holes");
+    assert!(
+        report.summary.regular_files > 10_000,
+        "{:?}",
+        report.summary
+    );
+    assert!(
+        report.packing.zero_bytes >= 90 << 20,
+        "the sparse file is stored as holes"
+    );
 
-    let found = find_artifact(&store, &selector, None).await.expect("artifact");
+    let found = find_artifact(&store, &selector, None)
+        .await
+        .expect("artifact");
     assert_eq!(found.artifact.to_string(), report.artifact);
     let index = load_index(&store, &found).await.expect("index");
     let blobs = all_blobs(&store, &index).await;
     let converted = snapshot_of_index(&index, &blobs);
 
-    let rootfs = image::unpack_reference(&layout, "v1", &work.path().join("bundle")).expect("umoci");
+    let rootfs =
+        image::unpack_reference(&layout, "v1", &work.path().join("bundle")).expect("umoci");
     let reference_tree = TreeSnapshot::capture(&rootfs).expect("capture");
     reference_tree.assert_same(&converted, 40);
 
     // Reproducible: the same input gives the same artifact, and no second referrer.
-    let again = convert(&store, &selector, &ConvertOptions::default()).await.expect("convert again");
+    let again = convert(&store, &selector, &ConvertOptions::default())
+        .await
+        .expect("convert again");
     assert_eq!(again[0].artifact, report.artifact);
     assert_eq!(again[0].index_digest, report.index_digest);
     let subject = Digest::parse(&report.source_manifest).unwrap();
@@ -63,21 +80,32 @@ async fn new_versions_reuse_chunks_fixed_and_cdc() {
     let file_size = 48 << 20;
     let versions = large_file_versions(file_size);
     versions.base.write_layout(&layout, "base").unwrap();
-    versions.changed_in_place.write_layout(&layout, "changed").unwrap();
+    versions
+        .changed_in_place
+        .write_layout(&layout, "changed")
+        .unwrap();
     versions.inserted.write_layout(&layout, "inserted").unwrap();
     for tag in ["base", "changed", "inserted"] {
         push(&layout, tag, &registry, "test/model");
     }
 
     let large_file_chunks = |index: &Index| -> Vec<Digest> {
-        let id = index.resolve(stoker_testkit::image::LargeFileVersions::PATH.as_bytes()).unwrap();
-        index.file_chunks(id).map(|c| index.chunk(c.chunk).unwrap().digest).collect()
+        let id = index
+            .resolve(stoker_testkit::image::LargeFileVersions::PATH.as_bytes())
+            .unwrap();
+        index
+            .file_chunks(id)
+            .map(|c| index.chunk(c.chunk).unwrap().digest)
+            .collect()
     };
     let chunks_of = |tag: &str, chunking: Chunking| {
         let reference = format!("{}/test/model:{tag}", registry.host());
         async move {
             let (store, selector) = ImageStore::registry(plain_client(), &reference).unwrap();
-            let options = ConvertOptions { chunking, ..ConvertOptions::default() };
+            let options = ConvertOptions {
+                chunking,
+                ..ConvertOptions::default()
+            };
             convert(&store, &selector, &options).await.expect("convert");
             let found = find_artifact(&store, &selector, None).await.unwrap();
             large_file_chunks(&load_index(&store, &found).await.unwrap())
@@ -94,18 +122,37 @@ async fn new_versions_reuse_chunks_fixed_and_cdc() {
     let changed = chunks_of("changed", fixed).await;
     assert_eq!(base.len(), 48);
     assert_eq!(changed.len(), 48);
-    assert_eq!(shared(&base, &changed), 47, "exactly the changed chunk is new");
+    assert_eq!(
+        shared(&base, &changed),
+        47,
+        "exactly the changed chunk is new"
+    );
 
     // A 1-byte insertion shifts every later fixed chunk, but CDC resynchronises.
     let inserted_fixed = chunks_of("inserted", fixed).await;
     let first_third = (versions.insert_offset >> 20) as usize;
-    assert_eq!(shared(&base, &inserted_fixed), first_third, "fixed chunks after the insertion all change");
+    assert_eq!(
+        shared(&base, &inserted_fixed),
+        first_third,
+        "fixed chunks after the insertion all change"
+    );
 
     let cdc = Chunking::Cdc { avg_size: 1 << 20 };
-    let (base_cdc, inserted_cdc) = (chunks_of("base", cdc).await, chunks_of("inserted", cdc).await);
+    let (base_cdc, inserted_cdc) = (
+        chunks_of("base", cdc).await,
+        chunks_of("inserted", cdc).await,
+    );
     let new_chunks = inserted_cdc.len() - shared(&base_cdc, &inserted_cdc);
-    assert!(new_chunks <= 2, "CDC: {new_chunks} new chunks of {} after a 1-byte insertion", inserted_cdc.len());
-    assert!(base_cdc.len() > 20, "CDC cut the file into {} chunks", base_cdc.len());
+    assert!(
+        new_chunks <= 2,
+        "CDC: {new_chunks} new chunks of {} after a 1-byte insertion",
+        inserted_cdc.len()
+    );
+    assert!(
+        base_cdc.len() > 20,
+        "CDC cut the file into {} chunks",
+        base_cdc.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +166,12 @@ async fn bad_layers_are_rejected_with_layer_entry_and_reason() {
         let layout = work.path().join(bad.name);
         let written = bad.image.write_layout(&layout, "bad").unwrap();
         let (store, selector) = if bad.pushable {
-            let reference = push(&layout, "bad", &registry, &format!("test/{}", bad.name.replace('_', "-")));
+            let reference = push(
+                &layout,
+                "bad",
+                &registry,
+                &format!("test/{}", bad.name.replace('_', "-")),
+            );
             ImageStore::registry(plain_client(), &reference).unwrap()
         } else {
             let layout = stoker_convert::layout::OciLayout::open(&layout).unwrap();
@@ -130,13 +182,24 @@ async fn bad_layers_are_rejected_with_layer_entry_and_reason() {
             .expect_err(bad.name)
             .to_string();
         let layer_digest = &written.layers[bad.bad_layer].blob.digest;
-        assert!(err.contains(layer_digest.as_str()), "{}: error does not name layer {layer_digest}: {err}", bad.name);
+        assert!(
+            err.contains(layer_digest.as_str()),
+            "{}: error does not name layer {layer_digest}: {err}",
+            bad.name
+        );
         if let Some(entry) = bad.bad_entry {
             let entry = String::from_utf8_lossy(entry);
-            assert!(err.contains(entry.trim_start_matches('/')), "{}: error does not name entry {entry}: {err}", bad.name);
+            assert!(
+                err.contains(entry.trim_start_matches('/')),
+                "{}: error does not name entry {entry}: {err}",
+                bad.name
+            );
         }
         assert!(
-            matches!(find_artifact(&store, &selector, None).await, Err(stoker_convert::ConvertError::NoArtifact(_))),
+            matches!(
+                find_artifact(&store, &selector, None).await,
+                Err(stoker_convert::ConvertError::NoArtifact(_))
+            ),
             "{}: a failed conversion left an artifact",
             bad.name
         );
@@ -152,19 +215,28 @@ async fn every_platform_of_an_index_is_converted() {
     let registry = TestRegistry::start().expect("registry");
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    let written = image::write_multi_platform_layout(&layout, "multi", &image::multi_platform_images()).unwrap();
+    let written =
+        image::write_multi_platform_layout(&layout, "multi", &image::multi_platform_images())
+            .unwrap();
     let reference = push(&layout, "multi", &registry, "test/multi");
     let (store, selector) = ImageStore::registry(plain_client(), &reference).unwrap();
 
-    let reports = convert(&store, &selector, &ConvertOptions::default()).await.unwrap();
+    let reports = convert(&store, &selector, &ConvertOptions::default())
+        .await
+        .unwrap();
     assert_eq!(reports.len(), written.images.len());
     for (report, image) in reports.iter().zip(&written.images) {
         assert_eq!(report.source_manifest, image.manifest.digest);
     }
-    let arm = find_artifact(&store, &selector, Some("linux/arm64")).await.unwrap();
+    let arm = find_artifact(&store, &selector, Some("linux/arm64"))
+        .await
+        .unwrap();
     assert_eq!(arm.platform.as_deref(), Some("linux/arm64"));
 
-    let only = ConvertOptions { platforms: vec!["linux/amd64".into()], ..ConvertOptions::default() };
+    let only = ConvertOptions {
+        platforms: vec!["linux/amd64".into()],
+        ..ConvertOptions::default()
+    };
     let reports = convert(&store, &selector, &only).await.unwrap();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].platform.as_deref(), Some("linux/amd64"));

@@ -25,7 +25,8 @@ pub fn plain_client() -> RegistryClient {
 
 /// True when the tools the registry tests need are here; prints SKIPPED otherwise.
 pub fn have_registry_tools(test: &str) -> bool {
-    stoker_testkit::require_tool(test, "docker-registry") && stoker_testkit::require_tool(test, "skopeo")
+    stoker_testkit::require_tool(test, "docker-registry")
+        && stoker_testkit::require_tool(test, "skopeo")
 }
 
 /// Reads every blob of the artifact into memory (test images are small).
@@ -44,7 +45,8 @@ pub async fn all_blobs(store: &ImageStore, index: &Index) -> HashMap<Digest, Vec
 pub fn chunk_bytes(index: &Index, blobs: &HashMap<Digest, Vec<u8>>, chunk: u32) -> Vec<u8> {
     let loc = index.chunk(chunk).unwrap();
     let blob = &blobs[&loc.blob];
-    let frame = &blob[loc.compressed_offset as usize..(loc.compressed_offset + loc.compressed_len as u64) as usize];
+    let frame = &blob[loc.compressed_offset as usize
+        ..(loc.compressed_offset + loc.compressed_len as u64) as usize];
     let data = zstd::bulk::decompress(frame, loc.uncompressed_len as usize).expect("zstd frame");
     assert_eq!(data.len(), loc.uncompressed_len as usize);
     assert_eq!(Digest::of(&data), loc.digest, "chunk digest");
@@ -58,7 +60,11 @@ pub fn snapshot_of_index(index: &Index, blobs: &HashMap<Digest, Vec<u8>>) -> Tre
     let mut pending: Vec<(Vec<u8>, u32)> = vec![(Vec::new(), 0)];
     while let Some((dir_path, dir)) = pending.pop() {
         for (name, child) in index.dir_entries(dir) {
-            let path = if dir_path.is_empty() { name.to_vec() } else { [dir_path.as_slice(), b"/", name].concat() };
+            let path = if dir_path.is_empty() {
+                name.to_vec()
+            } else {
+                [dir_path.as_slice(), b"/", name].concat()
+            };
             let inode = index.inode(child).unwrap();
             let kind = match inode.kind {
                 FileKind::Dir => tree::FileKind::Dir,
@@ -137,7 +143,13 @@ fn file_sha256(index: &Index, blobs: &HashMap<Digest, Vec<u8>>, id: u32, size: u
 }
 
 /// Pushes `tag` of the layout to the registry as `repo:tag` and returns the full reference.
-pub fn push(layout: &Path, tag: &str, registry: &stoker_testkit::registry::TestRegistry, repo: &str) -> String {
-    stoker_testkit::image::push_layout(layout, tag, &registry.host(), &format!("{repo}:{tag}")).expect("skopeo push");
+pub fn push(
+    layout: &Path,
+    tag: &str,
+    registry: &stoker_testkit::registry::TestRegistry,
+    repo: &str,
+) -> String {
+    stoker_testkit::image::push_layout(layout, tag, &registry.host(), &format!("{repo}:{tag}"))
+        .expect("skopeo push");
     format!("{}/{repo}:{tag}", registry.host())
 }
