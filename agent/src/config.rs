@@ -41,7 +41,7 @@ pub struct CacheConfig {
 }
 
 /// How registries are reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Mirrors per registry host, tried in order before the registry itself, e.g.
@@ -99,16 +99,6 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: None,
             max_bytes: 20 * 1024 * 1024 * 1024,
-        }
-    }
-}
-
-impl Default for RegistryConfig {
-    fn default() -> Self {
-        RegistryConfig {
-            mirrors: BTreeMap::new(),
-            insecure: Vec::new(),
-            docker_config: None,
         }
     }
 }

@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(NoLazyMounts),
         SnapshotterOptions {
             negative_cache_ttl: config.negative_cache_ttl(),
+            resolve_timeout: std::time::Duration::from_secs(config.timeouts.resolve_secs),
         },
     )
     .await

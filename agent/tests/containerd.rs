@@ -92,6 +92,7 @@ fn ordinary_images_pull_run_survive_kill9_and_clean_up() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = common::UnmountOnDrop(dir.path().to_path_buf());
     let registry = TestRegistry::start().expect("registry");
     let (cri_image, cri_written) =
         push(&registry, dir.path(), &three_layer_image("cri"), "test/cri");
@@ -141,6 +142,9 @@ fn ordinary_images_pull_run_survive_kill9_and_clean_up() {
     // kill -9 and restart: the snapshots are still there and new containers start.
     agent.kill9();
     agent.restart();
+    containerd
+        .wait_for_snapshotter(DEADLINE)
+        .expect("containerd reconnects");
     assert_eq!(snapshot_count(&containerd, &[CRI_NAMESPACE, "default"]), 6);
     let out = containerd
         .run(
@@ -185,6 +189,7 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = common::UnmountOnDrop(dir.path().to_path_buf());
     let registry = TestRegistry::start().expect("registry");
     let image = three_layer_image("lazy");
     let (lazy_image, written) = push(&registry, dir.path(), &image, "test/lazy");
@@ -216,7 +221,7 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
     let mounter = Arc::new(BindMounter::new(&tree));
     let state = dir.path().join("agent");
     let socket = dir.path().join("agent.sock");
-    let mut agent = InProcessAgent::start(&state, &socket, resolver.clone(), mounter.clone());
+    let agent = InProcessAgent::start(&state, &socket, resolver.clone(), mounter.clone());
     let mountpoint = agent.snapshotter.mountpoint("sha256:0123456789abcdef");
     let containerd = TestContainerd::start(&socket).expect("containerd");
     containerd
@@ -333,7 +338,7 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
     assert_eq!(out, "plain");
 
     // Agent restart after its lazy filesystem died with it: remounted, containers start.
-    agent.stop();
+    drop(agent);
     std::process::Command::new("umount")
         .arg(&mountpoint)
         .status()
@@ -345,6 +350,9 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
         1,
         "lazy mount restored"
     );
+    containerd
+        .wait_for_snapshotter(DEADLINE)
+        .expect("containerd reconnects");
     let out = containerd
         .run(
             CRI_NAMESPACE,

@@ -97,9 +97,10 @@ fn option<'a>(mount: &'a Mount, prefix: &str) -> Option<&'a str> {
 #[test]
 fn every_call_follows_containerd_overlay_semantics() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = common::UnmountOnDrop(dir.path().to_path_buf());
     let root = dir.path().join("state");
     let socket = dir.path().join("run/snapshotter.sock");
-    let mut agent = InProcessAgent::start_plain(&root, &socket);
+    let agent = InProcessAgent::start_plain(&root, &socket);
     let rt = runtime();
     rt.block_on(async {
         use std::os::unix::fs::PermissionsExt;
@@ -268,7 +269,7 @@ fn every_call_follows_containerd_overlay_semantics() {
     });
 
     // Restart: the metadata is still there.
-    agent.stop();
+    drop(agent);
     let mut agent = InProcessAgent::start_plain(&root, &socket);
     rt.block_on(async {
         let mut c = snapshots_client(&socket).await;
@@ -278,15 +279,15 @@ fn every_call_follows_containerd_overlay_semantics() {
         }
         assert!(list(&mut c, &[]).await.expect("list").is_empty());
         // Cleanup removes directories nothing refers to.
-        let stray = root.join("snapshotter/snapshots/999/fs");
+        let stray = root.join("snapshots/999/fs");
         std::fs::create_dir_all(&stray).expect("stray dir");
         c.cleanup(CleanupRequest {
             snapshotter: "stoker".into(),
         })
         .await
         .expect("cleanup");
-        assert!(!root.join("snapshotter/snapshots/999").exists());
-        let left: Vec<_> = std::fs::read_dir(root.join("snapshotter/snapshots"))
+        assert!(!root.join("snapshots/999").exists());
+        let left: Vec<_> = std::fs::read_dir(root.join("snapshots"))
             .expect("read")
             .collect();
         assert!(left.is_empty(), "directories left: {left:?}");
@@ -315,6 +316,7 @@ fn remote_layers_answer_already_exists_and_share_one_mount() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = common::UnmountOnDrop(dir.path().to_path_buf());
     let tree = dir.path().join("tree");
     std::fs::create_dir_all(tree.join("etc")).expect("tree");
     std::fs::write(tree.join("etc/hello"), "from the lazy image\n").expect("tree file");
@@ -331,7 +333,7 @@ fn remote_layers_answer_already_exists_and_share_one_mount() {
         calls: AtomicUsize::new(0),
     });
     let mounter = Arc::new(BindMounter::new(&tree));
-    let mut agent = InProcessAgent::start(&root, &socket, resolver.clone(), mounter.clone());
+    let agent = InProcessAgent::start(&root, &socket, resolver.clone(), mounter.clone());
     let mountpoint = agent.snapshotter.mountpoint("sha256:index");
     let rt = runtime();
     rt.block_on(async {
@@ -345,7 +347,7 @@ fn remote_layers_answer_already_exists_and_share_one_mount() {
         // What containerd does next: find the committed target by label and parent.
         let found = list(
             &mut c,
-            &[r#"labels."containerd.io/snapshot.ref"==c1,parent==""#],
+            &["labels.\"containerd.io/snapshot.ref\"==c1,parent==\"\""],
         )
         .await
         .expect("walk");
@@ -397,7 +399,7 @@ fn remote_layers_answer_already_exists_and_share_one_mount() {
     });
 
     // Restart after the lazy filesystem died: it is mounted again.
-    agent.stop();
+    drop(agent);
     std::process::Command::new("umount")
         .arg(&mountpoint)
         .status()

@@ -159,12 +159,19 @@ impl TestContainerd {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
-    /// `ctr -n <namespace> pull --plain-http --snapshotter stoker <image>`: pulls and
+    /// `ctr -n <namespace> images pull --plain-http --snapshotter stoker <image>`: pulls and
     /// unpacks through the snapshotter under test, without the CRI labels.
     pub fn ctr_pull(&self, namespace: &str, image: &str) -> Result<String, TestkitError> {
         self.ctr(
             namespace,
-            &["pull", "--plain-http", "--snapshotter", SNAPSHOTTER, image],
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                SNAPSHOTTER,
+                image,
+            ],
         )
     }
 
@@ -203,6 +210,31 @@ impl TestContainerd {
             .filter_map(|line| line.split_whitespace().next())
             .map(str::to_string)
             .collect())
+    }
+
+    /// Waits until containerd reaches the snapshotter: `ctr snapshots ls` succeeds.
+    ///
+    /// After the snapshotter restarts, containerd's proxy client reconnects with a
+    /// backoff of up to 3 s, and calls fail with `Unavailable` until then.
+    pub fn wait_for_snapshotter(&self, timeout: Duration) -> Result<(), TestkitError> {
+        let mut last_error = String::new();
+        let ready = wait_until(timeout, POLL_INTERVAL, || {
+            match self.snapshot_keys(CRI_NAMESPACE) {
+                Ok(_) => true,
+                Err(e) => {
+                    last_error = e.to_string();
+                    false
+                }
+            }
+        });
+        if ready {
+            Ok(())
+        } else {
+            Err(TestkitError::Timeout {
+                what: format!("containerd to reach the snapshotter ({last_error})"),
+                waited: timeout,
+            })
+        }
     }
 
     /// Pulls `image` through CRI's `ImageService.PullImage` (CRI v1), as the kubelet

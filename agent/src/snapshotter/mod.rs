@@ -59,12 +59,15 @@ pub use usage::DiskUsage;
 pub struct SnapshotterOptions {
     /// How long "this image has no Stoker artifact" is remembered.
     pub negative_cache_ttl: Duration,
+    /// How long one artifact lookup may take; past it the layer is unpacked normally.
+    pub resolve_timeout: Duration,
 }
 
 impl Default for SnapshotterOptions {
     fn default() -> Self {
         SnapshotterOptions {
             negative_cache_ttl: Duration::from_secs(60),
+            resolve_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -85,6 +88,7 @@ pub struct Snapshotter {
     resolver: Arc<dyn ImageResolver>,
     mounter: Arc<dyn LazyMounter>,
     resolver_cache: ResolverCache,
+    resolve_timeout: Duration,
     index_off: bool,
     /// Serialises changes to records, directories and mounts.
     lock: Mutex<()>,
@@ -114,6 +118,7 @@ impl Snapshotter {
             resolver,
             mounter,
             resolver_cache: ResolverCache::new(options.negative_cache_ttl),
+            resolve_timeout: options.resolve_timeout,
             index_off: mounts::overlay_index_off(),
             lock: Mutex::new(()),
         };
@@ -363,14 +368,21 @@ impl Snapshotter {
 
     /// The Stoker artifact of the layer's image, or `None` to unpack normally.
     async fn artifact_for(&self, layer: &LayerLabels) -> Option<StokerArtifact> {
-        let answer = self
-            .resolver_cache
-            .resolve(
-                self.resolver.as_ref(),
-                &layer.image_ref,
-                &layer.manifest_digest,
-            )
-            .await;
+        let lookup = self.resolver_cache.resolve(
+            self.resolver.as_ref(),
+            &layer.image_ref,
+            &layer.manifest_digest,
+        );
+        let answer = match tokio::time::timeout(self.resolve_timeout, lookup).await {
+            Ok(answer) => answer,
+            Err(_) => Err(AgentError::Remote {
+                image: layer.image_ref.clone(),
+                message: format!(
+                    "artifact lookup took longer than {:?}",
+                    self.resolve_timeout
+                ),
+            }),
+        };
         match answer {
             Ok(Some(artifact)) if artifact.layer_digests.contains(&layer.layer_digest) => {
                 Some(artifact)

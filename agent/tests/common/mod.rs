@@ -340,3 +340,17 @@ pub fn host_shell_entries() -> Vec<Entry> {
 pub fn mounts_under(dir: &Path) -> Vec<String> {
     stoker_testkit::containerd::mountpoints_under(&dir.display().to_string())
 }
+
+/// Lazily unmounts everything under a directory when dropped, so a failing test leaves
+/// no mount behind. Declare it after the `TempDir` so it runs first.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let mut mountpoints = mounts_under(&self.0);
+        mountpoints.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mountpoint in mountpoints {
+            let _ = Command::new("umount").arg("-l").arg(&mountpoint).status();
+        }
+    }
+}
