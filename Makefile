@@ -45,13 +45,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# Runs the benchmark binary once one exists; others add it to the CLI crate.
-bench:
-	@if $(CARGO) metadata --no-deps --format-version 1 | grep '"name":"stoker-bench"' >/dev/null; then \
-		$(CARGO) run --release -p stoker-cli --bin stoker-bench; \
-	else \
-		echo "bench: no benchmarks exist yet (stoker-bench is not built by any crate)"; \
-	fi
+# Runs every benchmark section side by side and writes BENCHMARKS.md.
+# BENCH_ARGS="--quick" for a short run, "--sections convert" for one section.
+bench: deps
+	$(CARGO) run --release -p stoker-bench -- $(BENCH_ARGS)
 
 demo:
 	@echo "demo: not ready yet"

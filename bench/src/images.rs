@@ -1,0 +1,184 @@
+//! Generated images with a realistic mix of files: many small text files
+//! (sources, metadata), mid-size shared libraries, and a few large,
+//! incompressible weight files, like a Python/ML image.
+
+use std::sync::Arc;
+
+use stoker_testkit::image::{Entry, Generator, ImageBuilder};
+
+/// Deterministic pseudo-random numbers (xorshift64*).
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545F4914F6CDD1D)
+}
+
+/// 8 MiB of word-salad text: compresses about 3x, never repeats within a chunk.
+fn text_corpus() -> Arc<Vec<u8>> {
+    const WORDS: &[&str] = &[
+        "import",
+        "def",
+        "return",
+        "self",
+        "tensor",
+        "numpy",
+        "float32",
+        "model",
+        "layer",
+        "weights",
+        "class",
+        "__init__",
+        "config",
+        "cuda",
+        "device",
+        "batch",
+        "shape",
+        "torch",
+        "module",
+        "forward",
+        "if",
+        "else",
+        "for",
+        "in",
+        "None",
+        "True",
+        "False",
+        "raise",
+        "ValueError",
+        "lambda",
+        "yield",
+        "async",
+        "await",
+        "print",
+        "logging",
+        "path",
+        "os",
+        "sys",
+        "json",
+        "dict",
+        "list",
+        "tuple",
+    ];
+    let mut state = 0x9E3779B97F4A7C15u64;
+    let mut out = Vec::with_capacity(8 << 20);
+    while out.len() < 8 << 20 {
+        let word = WORDS[(next(&mut state) % WORDS.len() as u64) as usize];
+        out.extend_from_slice(word.as_bytes());
+        out.push(match next(&mut state) % 10 {
+            0 => b'\n',
+            1 => b'(',
+            2 => b'.',
+            _ => b' ',
+        });
+    }
+    Arc::new(out)
+}
+
+fn text(size: u64, seed: u64, corpus: &Arc<Vec<u8>>) -> Generator {
+    let corpus = corpus.clone();
+    let start = (seed.wrapping_mul(7919) % corpus.len() as u64) as usize;
+    Generator::new(size, move |offset, buf| {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = corpus[(start + offset as usize + i) % corpus.len()];
+        }
+    })
+}
+
+/// Shared-library-like: 4 KiB blocks alternating text and random bytes.
+fn binary(size: u64, seed: u64, corpus: &Arc<Vec<u8>>) -> Generator {
+    let text = text(size, seed, corpus);
+    let random = Generator::random(size, seed);
+    Generator::new(size, move |offset, buf| {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let block_end = ((at / 4096) + 1) * 4096;
+            let n = ((block_end - at) as usize).min(buf.len() - done);
+            if (at / 4096) % 2 == 0 {
+                text.fill(at, &mut buf[done..done + n]);
+            } else {
+                random.fill(at, &mut buf[done..done + n]);
+            }
+            done += n;
+        }
+    })
+}
+
+/// Sizes of the generated ML-like image.
+#[derive(Clone, Copy, Debug)]
+pub struct MlImageSize {
+    pub small_files: usize,
+    pub libraries: usize,
+    pub weight_files: usize,
+    pub weight_file_bytes: u64,
+}
+
+impl MlImageSize {
+    /// About 1.3 GB uncompressed: 20,000 small files, 400 libraries, 2 × 200 MB weights.
+    pub const FULL: MlImageSize = MlImageSize {
+        small_files: 20_000,
+        libraries: 400,
+        weight_files: 2,
+        weight_file_bytes: 200 << 20,
+    };
+    /// About 100 MB, for a quick run.
+    pub const QUICK: MlImageSize = MlImageSize {
+        small_files: 2_000,
+        libraries: 40,
+        weight_files: 1,
+        weight_file_bytes: 32 << 20,
+    };
+}
+
+/// A three-layer image: OS-like base, Python packages, model weights.
+pub fn ml_image(size: MlImageSize) -> (ImageBuilder, u64) {
+    let corpus = text_corpus();
+    let mut state = 42u64;
+    let mut total = 0u64;
+    let mut base = vec![
+        Entry::dir("usr"),
+        Entry::dir("usr/lib"),
+        Entry::dir("usr/share"),
+    ];
+    let mut packages = vec![Entry::dir("opt"), Entry::dir("opt/venv")];
+    for dir in 0..100 {
+        base.push(Entry::dir(format!("usr/share/d{dir}")));
+        packages.push(Entry::dir(format!("opt/venv/pkg{dir}")));
+    }
+    for i in 0..size.small_files {
+        let bytes = 500 + next(&mut state) % 30_000;
+        total += bytes;
+        let entry = |path: String| Entry::generated_file(path, text(bytes, i as u64, &corpus));
+        if i % 3 == 0 {
+            base.push(entry(format!("usr/share/d{}/file{i}.txt", i % 100)));
+        } else {
+            packages.push(entry(format!("opt/venv/pkg{}/module{i}.py", i % 100)));
+        }
+    }
+    for i in 0..size.libraries {
+        let bytes = 100_000 + next(&mut state) % 4_000_000;
+        total += bytes;
+        let content = binary(bytes, 1000 + i as u64, &corpus);
+        if i % 2 == 0 {
+            base.push(Entry::generated_file(format!("usr/lib/lib{i}.so"), content));
+        } else {
+            packages.push(Entry::generated_file(
+                format!("opt/venv/lib{i}.so"),
+                content,
+            ));
+        }
+    }
+    let mut model = vec![Entry::dir("models")];
+    for i in 0..size.weight_files {
+        total += size.weight_file_bytes;
+        model.push(Entry::generated_file(
+            format!("models/weights{i}.bin"),
+            Generator::random(size.weight_file_bytes, 77 + i as u64),
+        ));
+    }
+    (
+        ImageBuilder::new().layer(base).layer(packages).layer(model),
+        total,
+    )
+}

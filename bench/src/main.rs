@@ -1,0 +1,52 @@
+//! `stoker-bench` (`make bench`): runs Stoker and the tools it replaces side by
+//! side on this machine, prints ratios, and writes BENCHMARKS.md with the
+//! machine and the method.
+
+mod convert_bench;
+mod images;
+mod report;
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct Args {
+    /// Sections to run (comma-separated): convert.
+    #[arg(long, default_value = "convert", value_delimiter = ',')]
+    sections: Vec<String>,
+    /// Smaller inputs for a quick run (not for BENCHMARKS.md).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: std::path::PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let size = if args.quick {
+        images::MlImageSize::QUICK
+    } else {
+        images::MlImageSize::FULL
+    };
+    let mut sections = Vec::new();
+    for name in &args.sections {
+        let section = match name.as_str() {
+            "convert" => convert_bench::run(size).await?,
+            other => anyhow::bail!("unknown section {other:?}"),
+        };
+        println!("{}", section.markdown());
+        sections.push(section);
+    }
+    let mut text = format!(
+        "# Benchmarks\n\nWritten by `make bench` (`stoker-bench`{}). Machine: {}.\n\n",
+        if args.quick { " --quick" } else { "" },
+        report::machine()
+    );
+    for section in &sections {
+        text.push_str(&section.markdown());
+    }
+    std::fs::write(&args.out, text)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
