@@ -95,7 +95,7 @@ fn binary(size: u64, seed: u64, corpus: &Arc<Vec<u8>>) -> Generator {
             let at = offset + done as u64;
             let block_end = ((at / 4096) + 1) * 4096;
             let n = ((block_end - at) as usize).min(buf.len() - done);
-            if (at / 4096) % 2 == 0 {
+            if (at / 4096).is_multiple_of(2) {
                 text.fill(at, &mut buf[done..done + n]);
             } else {
                 random.fill(at, &mut buf[done..done + n]);
@@ -150,7 +150,7 @@ pub fn ml_image(size: MlImageSize) -> (ImageBuilder, u64) {
         let bytes = 500 + next(&mut state) % 30_000;
         total += bytes;
         let entry = |path: String| Entry::generated_file(path, text(bytes, i as u64, &corpus));
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             base.push(entry(format!("usr/share/d{}/file{i}.txt", i % 100)));
         } else {
             packages.push(entry(format!("opt/venv/pkg{}/module{i}.py", i % 100)));
@@ -160,7 +160,7 @@ pub fn ml_image(size: MlImageSize) -> (ImageBuilder, u64) {
         let bytes = 100_000 + next(&mut state) % 4_000_000;
         total += bytes;
         let content = binary(bytes, 1000 + i as u64, &corpus);
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             base.push(Entry::generated_file(format!("usr/lib/lib{i}.so"), content));
         } else {
             packages.push(Entry::generated_file(

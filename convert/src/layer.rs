@@ -183,14 +183,8 @@ pub fn parse_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<LayerEntry,
             }
             EntryKind::Hardlink { target }
         }
-        T::Char => EntryKind::CharDevice {
-            major: major as u32,
-            minor: minor as u32,
-        },
-        T::Block => EntryKind::BlockDevice {
-            major: major as u32,
-            minor: minor as u32,
-        },
+        T::Char => EntryKind::CharDevice { major, minor },
+        T::Block => EntryKind::BlockDevice { major, minor },
         T::Fifo => EntryKind::Fifo,
         other => {
             return Err(format!(

@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use oci_client::Reference;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
-use stoker_format::{ChunkTable, Digest, NodeKind, Tree};
+use stoker_format::{ChunkTable, Digest, NodeId, NodeKind, Tree};
 use stoker_registry::RegistryClient;
 use tokio::sync::mpsc;
 
@@ -427,17 +427,71 @@ fn read_layer(
     packer: &PackerHandle,
     options: &ConvertOptions,
 ) -> Result<(), ConvertError> {
-    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| {
-        layer_error(&layer.digest, entry, reason)
-    };
-    let mut compressed = DigestingReader::new(reader);
     let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
-        err(
+        layer_error(
+            &layer.digest,
             None,
-            &format!("unsupported layer media type {:?}", layer.media_type),
+            format!("unsupported layer media type {:?}", layer.media_type),
         )
     })?;
+    let digests = read_layer_into(
+        tree,
+        &layer.digest,
+        reader,
+        compression,
+        options,
+        |node, offset, data| {
+            packer
+                .chunk(node, offset, data)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        },
+    )?;
+    if let Some(expected) = layer.diff_id
+        && expected != digests.diff_id
     {
+        return Err(ConvertError::DigestMismatch {
+            what: format!("layer {} uncompressed (diff_id)", layer.digest),
+            expected,
+            actual: digests.diff_id,
+        });
+    }
+    if digests.compressed != layer.digest {
+        return Err(ConvertError::DigestMismatch {
+            what: format!("layer {}", layer.digest),
+            expected: layer.digest,
+            actual: digests.compressed,
+        });
+    }
+    packer.end_layer()
+}
+
+/// What [`read_layer_into`] measured while reading a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerDigests {
+    /// SHA-256 of the blob as read: the layer digest in the manifest.
+    pub compressed: Digest,
+    /// SHA-256 of the uncompressed tar stream: the layer's diff_id.
+    pub diff_id: Digest,
+}
+
+/// Reads one layer blob into `tree`: undoes `compression`, parses the tar stream,
+/// applies the options' policy and OCI layer semantics, and passes every regular
+/// file's contents to `sink` as `(node, offset, chunk)`, cut by `options.chunking`.
+/// `layer` names the layer in errors. The caller compares the returned digests
+/// with the ones it expects.
+pub fn read_layer_into(
+    tree: &mut Tree,
+    layer: &Digest,
+    reader: impl Read,
+    compression: Compression,
+    options: &ConvertOptions,
+    mut sink: impl FnMut(NodeId, u64, Vec<u8>) -> std::io::Result<()>,
+) -> Result<LayerDigests, ConvertError> {
+    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| {
+        layer_error(layer, entry, reason)
+    };
+    let mut compressed = DigestingReader::new(reader);
+    let diff_id = {
         let decoded: Box<dyn Read + '_> = match compression {
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
             Compression::Zstd => Box::new(
@@ -458,7 +512,7 @@ fn read_layer(
                 let parsed = parse_entry(&mut entry).map_err(|reason| {
                     let raw = entry.path_bytes().into_owned();
                     ConvertError::Layer {
-                        layer: layer.digest,
+                        layer: *layer,
                         entry: String::from_utf8_lossy(&raw).into_owned(),
                         reason,
                     }
@@ -471,11 +525,7 @@ fn read_layer(
                 {
                     Applied::File(node) => options
                         .chunking
-                        .split(&mut entry, |offset, data| {
-                            packer
-                                .chunk(node, offset, data)
-                                .map_err(|e| std::io::Error::other(e.to_string()))
-                        })
+                        .split(&mut entry, |offset, data| sink(node, offset, data))
                         .map_err(|e| err(Some(&path), &format!("reading file data: {e}")))?,
                     Applied::Other => {}
                 }
@@ -492,25 +542,13 @@ fn read_layer(
         let (diff_id, _) = tar_stream
             .finish()
             .map_err(|e| err(None, &format!("after the archive: {e}")))?;
-        if let Some(expected) = layer.diff_id
-            && expected != diff_id
-        {
-            return Err(ConvertError::DigestMismatch {
-                what: format!("layer {} uncompressed (diff_id)", layer.digest),
-                expected,
-                actual: diff_id,
-            });
-        }
-    }
-    let (digest, _) = compressed.finish().map_err(|e| err(None, &e))?;
-    if digest != layer.digest {
-        return Err(ConvertError::DigestMismatch {
-            what: format!("layer {}", layer.digest),
-            expected: layer.digest,
-            actual: digest,
-        });
-    }
-    packer.end_layer()
+        diff_id
+    };
+    let (compressed, _) = compressed.finish().map_err(|e| err(None, &e))?;
+    Ok(LayerDigests {
+        compressed,
+        diff_id,
+    })
 }
 
 fn check_policy(entry: &crate::layer::LayerEntry, options: &ConvertOptions) -> Result<(), String> {
