@@ -19,7 +19,7 @@ pub struct EncodedIndex {
 
 /// zstd level for the index. The index is small and fetched before anything
 /// else, so it is worth compressing hard.
-const INDEX_ZSTD_LEVEL: i32 = 19;
+const INDEX_ZSTD_LEVEL: i32 = 12;
 
 impl Tree {
     /// Encodes the part of the tree reachable from the root.
