@@ -91,7 +91,7 @@ impl RegistryClient {
             })
             .await?;
         let status = response.status();
-        let redirected_away = response.url().host_str() != Some(registry_host(repo));
+        let redirected_away = left_registry(response.url(), repo);
         let wanted = range.end - range.start;
         match status {
             StatusCode::PARTIAL_CONTENT => {
@@ -186,16 +186,14 @@ async fn read_body(
     Ok(body.freeze())
 }
 
-/// The host part of the registry, as URLs show it.
-fn registry_host(repo: &Reference) -> &str {
-    let registry = repo.resolve_registry();
-    if let Some(rest) = registry.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(registry);
-    }
-    match registry.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
-        _ => registry,
-    }
+/// True when `url` (after redirects) is not on `repo`'s registry: blob storage.
+fn left_registry(url: &reqwest::Url, repo: &Reference) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let authority = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
+    !authority.eq_ignore_ascii_case(repo.resolve_registry())
 }
 
 /// `Content-Range: bytes a-b/total` → `(a, b, total)` (`total` is `None` for `*`).
@@ -232,9 +230,19 @@ mod tests {
     }
 
     #[test]
-    fn registry_hosts() {
-        let r = |s: &str| s.parse::<Reference>().unwrap();
-        assert_eq!(registry_host(&r("127.0.0.1:5000/a")), "127.0.0.1");
-        assert_eq!(registry_host(&r("example.com/a")), "example.com");
+    fn redirects_to_storage() {
+        let repo = "127.0.0.1:5000/a".parse::<Reference>().unwrap();
+        let url = |s: &str| reqwest::Url::parse(s).unwrap();
+        assert!(!left_registry(
+            &url("http://127.0.0.1:5000/v2/a/blobs/x"),
+            &repo
+        ));
+        assert!(left_registry(&url("http://127.0.0.1:5001/data"), &repo));
+        assert!(left_registry(&url("https://s3.example.com/data"), &repo));
+        let hub = "example.com/a".parse::<Reference>().unwrap();
+        assert!(!left_registry(
+            &url("https://example.com/v2/a/blobs/x"),
+            &hub
+        ));
     }
 }
