@@ -10,10 +10,13 @@
 //! Modules:
 //! - [`snapshotter`]: snapshot semantics, metadata store (redb), remote-snapshot hook
 //!   ([`snapshotter::ImageResolver`], [`snapshotter::LazyMounter`]), gRPC service;
+//! - [`resolver`]: [`resolver::RegistryResolver`], finding an image's Stoker artifact in
+//!   its registry;
 //! - [`server`]: serving gRPC services on unix sockets;
 //! - [`config`]: the agent's YAML configuration with defaults and `STOKER_*` overrides.
 
 pub mod config;
+pub mod resolver;
 pub mod server;
 pub mod snapshotter;
 

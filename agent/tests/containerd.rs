@@ -388,3 +388,114 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
     );
     assert!(mounts_under(&containerd.state_dir()).is_empty());
 }
+
+#[test]
+fn converted_images_are_found_in_the_registry_and_not_downloaded() {
+    let test = "converted_images_are_found_in_the_registry_and_not_downloaded";
+    if !containerd_tests_can_run(test) {
+        return;
+    }
+    stoker_registry::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _unmount = common::UnmountOnDrop(dir.path().to_path_buf());
+    let registry = TestRegistry::start().expect("registry");
+    let (converted, written) = push(
+        &registry,
+        dir.path(),
+        &three_layer_image("converted"),
+        "test/converted",
+    );
+    let (unconverted, unconverted_written) = push(
+        &registry,
+        dir.path(),
+        &three_layer_image("unconverted"),
+        "test/unconverted",
+    );
+    let rt = runtime();
+    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
+        plain_http: true,
+        docker_config: None,
+        ..Default::default()
+    })
+    .expect("registry client");
+    let reports = rt
+        .block_on(async {
+            let (store, selector) =
+                stoker_convert::ImageStore::registry(client.clone(), &converted)?;
+            stoker_convert::convert(
+                &store,
+                &selector,
+                &stoker_convert::ConvertOptions::default(),
+            )
+            .await
+        })
+        .expect("stoker convert");
+    let index_digest = reports[0].index_digest.clone();
+
+    // The lazy filesystem is still a bind mount of the extracted tree; the lookup of
+    // the artifact is the real one (referrers fallback tag on docker-registry 2.8).
+    let tree = stoker_testkit::image::unpack_reference(
+        &dir.path().join("layout-test-converted"),
+        "v1",
+        &dir.path().join("bundle"),
+    )
+    .expect("umoci unpack");
+    let mounter = Arc::new(BindMounter::new(&tree));
+    let socket = dir.path().join("agent.sock");
+    let agent = InProcessAgent::start(
+        &dir.path().join("agent"),
+        &socket,
+        Arc::new(stoker_agent::resolver::RegistryResolver::new(client)),
+        mounter.clone(),
+    );
+    let containerd = TestContainerd::start(&socket).expect("containerd");
+    containerd
+        .allow_plain_http(&registry.host())
+        .expect("hosts.toml");
+
+    registry.clear_requests();
+    rt.block_on(containerd.cri_pull_image(&converted))
+        .expect("CRI pull converted");
+    let blob_gets: Vec<String> = registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_blob_get())
+        .map(|r| r.path)
+        .collect();
+    assert!(
+        blob_gets
+            .iter()
+            .all(|path| path.ends_with(&written.config.digest)),
+        "only the config blob may be fetched: {blob_gets:?}"
+    );
+    let mounted = rt
+        .block_on(agent.snapshotter.mounted_images())
+        .expect("mounted images");
+    assert_eq!(mounted.len(), 1);
+    assert_eq!(mounted[0].image.index_digest, index_digest);
+    assert_eq!(mounter.mounts.load(Ordering::SeqCst), 1);
+    let out = containerd
+        .run(
+            CRI_NAMESPACE,
+            &converted,
+            "converted-1",
+            &["sh", "-c", READ_LAYERS],
+        )
+        .expect("run converted");
+    assert_eq!(out, EXPECTED);
+
+    // No artifact: the referrers lookup finds nothing and the image is unpacked.
+    registry.clear_requests();
+    rt.block_on(containerd.cri_pull_image(&unconverted))
+        .expect("CRI pull unconverted");
+    assert_eq!(layer_blob_gets(&registry, &unconverted_written), 3);
+    let out = containerd
+        .run(
+            CRI_NAMESPACE,
+            &unconverted,
+            "unconverted-1",
+            &["sh", "-c", "cat /data/tag"],
+        )
+        .expect("run unconverted");
+    assert_eq!(out, "unconverted");
+}
