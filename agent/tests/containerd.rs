@@ -63,9 +63,20 @@ fn push(
     (format!("{}/{repo}:v1", registry.host()), written)
 }
 
-fn layer_blob_gets(registry: &TestRegistry, image: &WrittenImage) -> usize {
-    registry
-        .requests()
+/// Waits until the registry logged a GET of each of `image`'s layer blobs (log lines
+/// may trail the responses) and returns how many there were.
+fn wait_all_layers_fetched(registry: &TestRegistry, image: &WrittenImage) -> usize {
+    let (requests, _) = registry.wait_for_requests(DEADLINE, |requests| {
+        count_layer_gets(requests, image) >= image.layers.len()
+    });
+    count_layer_gets(&requests, image)
+}
+
+fn count_layer_gets(
+    requests: &[stoker_testkit::registry::LoggedRequest],
+    image: &WrittenImage,
+) -> usize {
+    requests
         .iter()
         .filter(|r| {
             r.is_blob_get()
@@ -110,7 +121,7 @@ fn ordinary_images_pull_run_survive_kill9_and_clean_up() {
     rt.block_on(containerd.cri_pull_image(&cri_image))
         .expect("CRI pull");
     assert_eq!(
-        layer_blob_gets(&registry, &cri_written),
+        wait_all_layers_fetched(&registry, &cri_written),
         3,
         "all layers downloaded"
     );
@@ -233,15 +244,22 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
     registry.clear_requests();
     rt.block_on(containerd.cri_pull_image(&lazy_image))
         .expect("CRI pull");
-    let requests = registry.requests();
-    assert_eq!(
-        layer_blob_gets(&registry, &written),
-        0,
-        "layers were downloaded: {requests:?}"
-    );
+    // The config is the last thing containerd fetches before unpacking: once its line
+    // is logged, any layer GET would be too.
+    let (requests, config_fetched) = registry.wait_for_requests(DEADLINE, |requests| {
+        requests
+            .iter()
+            .any(|r| r.is_blob_get() && r.path.ends_with(&written.config.digest))
+    });
+    assert!(config_fetched, "{requests:?}");
     assert!(
         requests.iter().any(|r| r.path.contains("/manifests/")),
         "{requests:?}"
+    );
+    assert_eq!(
+        count_layer_gets(&requests, &written),
+        0,
+        "layers were downloaded: {requests:?}"
     );
     assert_eq!(mounter.mounts.load(Ordering::SeqCst), 1);
 
@@ -326,7 +344,7 @@ fn stoker_images_skip_download_and_share_one_lazy_mount() {
     registry.clear_requests();
     rt.block_on(containerd.cri_pull_image(&plain_image))
         .expect("CRI pull plain");
-    assert_eq!(layer_blob_gets(&registry, &plain_written), 3);
+    assert_eq!(wait_all_layers_fetched(&registry, &plain_written), 3);
     let out = containerd
         .run(
             CRI_NAMESPACE,
@@ -488,7 +506,7 @@ fn converted_images_are_found_in_the_registry_and_not_downloaded() {
     registry.clear_requests();
     rt.block_on(containerd.cri_pull_image(&unconverted))
         .expect("CRI pull unconverted");
-    assert_eq!(layer_blob_gets(&registry, &unconverted_written), 3);
+    assert_eq!(wait_all_layers_fetched(&registry, &unconverted_written), 3);
     let out = containerd
         .run(
             CRI_NAMESPACE,
