@@ -164,6 +164,11 @@ mod tests {
         assert!(!may_access(&file, 2000, 200, libc::R_OK));
         assert!(may_access(&file, 0, 0, libc::R_OK | libc::W_OK));
         assert!(!may_access(&file, 0, 0, libc::X_OK));
-        assert!(may_access(&inode(FileKind::File, 0o100001), 0, 0, libc::X_OK));
+        assert!(may_access(
+            &inode(FileKind::File, 0o100001),
+            0,
+            0,
+            libc::X_OK
+        ));
     }
 }

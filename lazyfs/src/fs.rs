@@ -169,7 +169,9 @@ impl Filesystem for LazyFs {
                 let _ = config.set_max_stack_depth(1);
                 self.shared.passthrough.enable();
             } else {
-                info!("the kernel does not offer FUSE passthrough; every read goes through the filesystem");
+                info!(
+                    "the kernel does not offer FUSE passthrough; every read goes through the filesystem"
+                );
             }
         }
         debug!(abi = %config.kernel_abi(), "FUSE session initialised");
@@ -266,20 +268,13 @@ impl Filesystem for LazyFs {
         let fallback = ReadState::default();
         let state = file.as_ref().map_or(&fallback, |f| &f.read);
         let mut reply = Some(reply);
-        let result = self.reader.read(
-            inode.id,
-            inode.size,
-            offset,
-            size,
-            state,
-            &self.shared.trace,
-            metrics,
-            |bytes| {
+        let result = self
+            .reader
+            .read(inode.id, inode.size, offset, size, state, |bytes| {
                 if let Some(reply) = reply.take() {
                     reply.data(bytes);
                 }
-            },
-        );
+            });
         if let Err(e) = result {
             log_read_error(&self.index, inode.id, offset, &e);
             metrics.read_failed();
@@ -414,7 +409,14 @@ impl Filesystem for LazyFs {
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _d: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 

@@ -147,6 +147,7 @@ pub fn mount(
     }
     let reader = read::Reader::new(
         Arc::clone(&index),
+        Arc::clone(&shared),
         fetcher,
         runtime,
         options.readahead_bytes,
@@ -166,10 +167,10 @@ pub fn mount(
 /// current-thread runtime cannot make progress while its only thread waits in a
 /// file system call), otherwise one shared by the process.
 fn fetch_runtime() -> Result<Handle, LazyFsError> {
-    if let Ok(handle) = Handle::try_current() {
-        if handle.runtime_flavor() == RuntimeFlavor::MultiThread {
-            return Ok(handle);
-        }
+    if let Ok(handle) = Handle::try_current()
+        && handle.runtime_flavor() == RuntimeFlavor::MultiThread
+    {
+        return Ok(handle);
     }
     static SHARED: OnceLock<Result<Runtime, String>> = OnceLock::new();
     let shared = SHARED.get_or_init(|| {

@@ -170,7 +170,9 @@ impl MountHandle {
         }
         match session.join() {
             Ok(()) => {}
-            Err(e) => warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error"),
+            Err(e) => {
+                warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error")
+            }
         }
         info!(mountpoint = %self.mountpoint.display(), "unmounted");
         Ok(())
@@ -279,7 +281,10 @@ fn sys_mount(device: &OwnedFd, mountpoint: &Path, options: &MountOptions) -> io:
     };
     let c = |s: &[u8]| {
         CString::new(s).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "mount argument contains a NUL byte")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mount argument contains a NUL byte",
+            )
         })
     };
     let source = c(options.fsname.as_bytes())?;
@@ -304,7 +309,10 @@ fn sys_mount(device: &OwnedFd, mountpoint: &Path, options: &MountOptions) -> io:
             Some(libc::ENODEV) => " (the fuse kernel module is not loaded)",
             _ => "",
         };
-        return Err(io::Error::new(e.kind(), format!("mount(2) failed: {e}{hint}")));
+        return Err(io::Error::new(
+            e.kind(),
+            format!("mount(2) failed: {e}{hint}"),
+        ));
     }
     Ok(())
 }
@@ -341,7 +349,12 @@ pub fn unmount(mountpoint: &Path) -> Result<(), LazyFsError> {
                 .arg("--")
                 .arg(mountpoint)
                 .output()
-                .map_err(|e| error(io::Error::new(e.kind(), format!("running fusermount3: {e}"))))?;
+                .map_err(|e| {
+                    error(io::Error::new(
+                        e.kind(),
+                        format!("running fusermount3: {e}"),
+                    ))
+                })?;
             if output.status.success() {
                 Ok(())
             } else {

@@ -196,8 +196,15 @@ impl Passthrough {
     }
 
     /// A verified local file holding exactly the bytes of file `id`, if there is one.
-    fn backing_source(&self, index: &Index, cache: &ChunkCache, id: InodeId) -> Option<BackingSource> {
-        let inode = index.inode(id).filter(|i| i.kind == FileKind::File && i.size > 0)?;
+    fn backing_source(
+        &self,
+        index: &Index,
+        cache: &ChunkCache,
+        id: InodeId,
+    ) -> Option<BackingSource> {
+        let inode = index
+            .inode(id)
+            .filter(|i| i.kind == FileKind::File && i.size > 0)?;
         let mut pieces = index.file_chunks(id);
         let first = pieces.next()?;
         if pieces.next().is_none() && first.file_offset == 0 && u64::from(first.len) == inode.size {
@@ -205,7 +212,9 @@ impl Passthrough {
             return cache.get(&loc.digest).map(BackingSource::Chunk);
         }
         let assembler = self.assembler.as_ref()?;
-        assembler.backing_file(index, cache, id).map(BackingSource::Assembled)
+        assembler
+            .backing_file(index, cache, id)
+            .map(BackingSource::Assembled)
     }
 }
 
@@ -338,7 +347,9 @@ impl Assembler {
                     // A temporary file from an interrupted assembly.
                     let _ = fs::remove_file(&path);
                 }
-                _ => warn!(path = %path.display(), "ignoring unexpected entry in the assembly directory"),
+                _ => {
+                    warn!(path = %path.display(), "ignoring unexpected entry in the assembly directory")
+                }
             }
         }
         let shared = Arc::new(AssemblerShared {
@@ -370,7 +381,12 @@ impl Assembler {
 
     /// The verified assembled file for `id`, or `None` after queueing whatever
     /// would make one available for a later open.
-    fn backing_file(&self, index: &Index, cache: &ChunkCache, id: InodeId) -> Option<AssembledFile> {
+    fn backing_file(
+        &self,
+        index: &Index,
+        cache: &ChunkCache,
+        id: InodeId,
+    ) -> Option<AssembledFile> {
         let (key, size) = content_key(index, id)?;
         if size > self.shared.max_bytes {
             return None;
@@ -463,12 +479,12 @@ impl AssemblerShared {
                 }
                 Err(problem) => {
                     warn!(key = %job.key, %problem, "passthrough backing file not usable; dropping it");
-                    if let Some(entry) = files.entries.get(&job.key) {
-                        if entry.in_use == 0 {
-                            files.bytes -= entry.len;
-                            files.entries.remove(&job.key);
-                            let _ = fs::remove_file(self.path(&job.key));
-                        }
+                    if let Some(entry) = files.entries.get(&job.key)
+                        && entry.in_use == 0
+                    {
+                        files.bytes -= entry.len;
+                        files.entries.remove(&job.key);
+                        let _ = fs::remove_file(self.path(&job.key));
                     }
                 }
             }
@@ -483,16 +499,19 @@ impl AssemblerShared {
     fn assemble(&self, index: &Index, cache: &ChunkCache, job: &Job) -> Result<(), String> {
         let size = index.inode(job.id).map_or(0, |i| i.size);
         let serial = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let temp = self
-            .dir
-            .join(format!("tmp.{}.{}.{serial}", job.key.hex(), std::process::id()));
+        let temp = self.dir.join(format!(
+            "tmp.{}.{}.{serial}",
+            job.key.hex(),
+            std::process::id()
+        ));
         let result = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&temp)
                 .map_err(|e| format!("create {}: {e}", temp.display()))?;
-            file.set_len(size).map_err(|e| format!("size {}: {e}", temp.display()))?;
+            file.set_len(size)
+                .map_err(|e| format!("size {}: {e}", temp.display()))?;
             let mut buffer = Vec::new();
             for piece in index.file_chunks(job.id) {
                 let loc = index
@@ -544,10 +563,10 @@ impl AssemblerShared {
 
     fn delete(&self, victims: &[Digest]) {
         for key in victims {
-            if let Err(e) = fs::remove_file(self.path(key)) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    warn!(key = %key, error = %e, "cannot delete assembled file");
-                }
+            if let Err(e) = fs::remove_file(self.path(key))
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!(key = %key, error = %e, "cannot delete assembled file");
             }
         }
     }
@@ -560,7 +579,10 @@ fn verify_assembled(path: &Path, index: &Index, id: InodeId) -> Result<(), Strin
     let size = index.inode(id).map_or(0, |i| i.size);
     let actual = file.metadata().map_err(|e| e.to_string())?.len();
     if actual != size {
-        return Err(format!("{} is {actual} bytes, the file is {size}", path.display()));
+        return Err(format!(
+            "{} is {actual} bytes, the file is {size}",
+            path.display()
+        ));
     }
     let mut buffer = Vec::new();
     let mut position = 0u64;
@@ -586,7 +608,10 @@ fn verify_assembled(path: &Path, index: &Index, id: InodeId) -> Result<(), Strin
         file.read_exact_at(&mut buffer, piece.file_offset)
             .map_err(|e| e.to_string())?;
         if Digest::of(&buffer) != loc.digest {
-            return Err(format!("bytes at {} do not hash to chunk {}", piece.file_offset, loc.digest));
+            return Err(format!(
+                "bytes at {} do not hash to chunk {}",
+                piece.file_offset, loc.digest
+            ));
         }
         position = piece.file_offset + u64::from(piece.len);
     }

@@ -22,8 +22,9 @@ use stoker_format::{ChunkLocation, FileChunk, Index, InodeId};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
+use crate::Shared;
 use crate::metrics::Metrics;
-use crate::trace::{AccessTrace, Offered};
+use crate::trace::Offered;
 
 /// Why a read failed. Every kind is answered with EIO.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,11 @@ pub(crate) enum ReadError {
         source: std::io::Error,
     },
     #[error("chunk {chunk} holds {got} bytes where the index expects {expected}")]
-    ShortChunk { chunk: u32, got: usize, expected: usize },
+    ShortChunk {
+        chunk: u32,
+        got: usize,
+        expected: usize,
+    },
     #[error("the index names chunk {0}, which it does not contain")]
     UnknownChunk(u32),
 }
@@ -90,6 +95,7 @@ impl OpenChunks {
 
 pub(crate) struct Reader {
     index: Arc<Index>,
+    shared: Arc<Shared>,
     fetcher: Fetcher,
     runtime: Handle,
     readahead_bytes: u64,
@@ -104,6 +110,7 @@ thread_local! {
 impl Reader {
     pub(crate) fn new(
         index: Arc<Index>,
+        shared: Arc<Shared>,
         fetcher: Fetcher,
         runtime: Handle,
         readahead_bytes: u64,
@@ -112,6 +119,7 @@ impl Reader {
         let capacity = (fetcher.cache().capacity() / 4 / max_chunk).clamp(0, 64) as usize;
         Reader {
             index,
+            shared,
             fetcher,
             runtime,
             readahead_bytes,
@@ -135,10 +143,9 @@ impl Reader {
         offset: u64,
         size: u32,
         state: &ReadState,
-        trace: &AccessTrace,
-        metrics: &Metrics,
         reply: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ReadError> {
+        let (trace, metrics) = (&self.shared.trace, &self.shared.metrics);
         let end = offset.saturating_add(u64::from(size)).min(file_size);
         if offset >= end {
             return Ok(reply(&[]));
@@ -224,9 +231,7 @@ impl Reader {
             .map(|(piece, found)| match found {
                 Some(chunk) => Ok(chunk),
                 None => {
-                    let chunk = fetched
-                        .next()
-                        .ok_or(ReadError::UnknownChunk(piece.chunk))?;
+                    let chunk = fetched.next().ok_or(ReadError::UnknownChunk(piece.chunk))?;
                     self.open_chunks.put(piece.chunk, chunk.clone());
                     Ok(chunk)
                 }

@@ -89,7 +89,8 @@ impl AccessTrace {
             return Offered::Skipped;
         };
         let bit = 1u64 << (chunk % 64);
-        if word.load(Ordering::Relaxed) & bit != 0 || word.fetch_or(bit, Ordering::AcqRel) & bit != 0
+        if word.load(Ordering::Relaxed) & bit != 0
+            || word.fetch_or(bit, Ordering::AcqRel) & bit != 0
         {
             return Offered::Skipped;
         }
@@ -134,12 +135,19 @@ mod tests {
         assert_eq!(trace.offer(3, 2, 0), Offered::Skipped);
         assert_eq!(trace.offer(129, 1, 4096), Offered::Sent);
         assert_eq!(trace.offer(130, 1, 0), Offered::Skipped, "out of range");
-        let got: Vec<_> = rx.try_iter().map(|e| (e.chunk, e.inode, e.file_offset)).collect();
+        let got: Vec<_> = rx
+            .try_iter()
+            .map(|e| (e.chunk, e.inode, e.file_offset))
+            .collect();
         assert_eq!(got, vec![(3, 1, 0), (129, 1, 4096)]);
 
         let (tx, rx) = sync_channel(16);
         trace.start(tx);
-        assert_eq!(trace.offer(3, 1, 0), Offered::Sent, "a new trace starts unseen");
+        assert_eq!(
+            trace.offer(3, 1, 0),
+            Offered::Sent,
+            "a new trace starts unseen"
+        );
         assert_eq!(rx.try_iter().count(), 1);
     }
 
@@ -151,7 +159,11 @@ mod tests {
         assert_eq!(trace.offer(0, 1, 0), Offered::Sent);
         assert_eq!(trace.offer(1, 1, 0), Offered::Dropped);
         assert_eq!(rx.recv().map(|e| e.chunk), Ok(0));
-        assert_eq!(trace.offer(1, 1, 0), Offered::Sent, "dropped chunks stay unseen");
+        assert_eq!(
+            trace.offer(1, 1, 0),
+            Offered::Sent,
+            "dropped chunks stay unseen"
+        );
         drop(rx);
         assert_eq!(trace.offer(2, 1, 0), Offered::Skipped);
         assert!(!trace.is_active());

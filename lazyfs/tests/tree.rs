@@ -89,7 +89,12 @@ fn every_kind_image() -> TestImage {
         meta(0o660, 0, 6),
     );
     b.add(etc, b"fifo", NodeKind::Fifo, meta(0o620, 0, 0));
-    b.add(deep, b"\xff\xfe-not-utf8 name", NodeKind::Fifo, meta(0o644, 1, 2));
+    b.add(
+        deep,
+        b"\xff\xfe-not-utf8 name",
+        NodeKind::Fifo,
+        meta(0o644, 1, 2),
+    );
     let mut xdir = meta(0o1777, 0, 0);
     xdir.xattrs
         .insert(b"trusted.overlay.opaque".to_vec(), b"y".to_vec());
@@ -135,7 +140,13 @@ fn the_mount_shows_every_path_attribute_xattr_link_and_byte_of_the_index() {
     let shared = stat("etc/shared");
     assert_eq!(shared.nlink(), 2);
     assert_eq!(shared.ino(), stat("bin/shared-link").ino());
-    assert_eq!((stat("etc/hostname").mtime(), stat("etc/hostname").mtime_nsec()), (1_700_000_000, 123_456_789));
+    assert_eq!(
+        (
+            stat("etc/hostname").mtime(),
+            stat("etc/hostname").mtime_nsec()
+        ),
+        (1_700_000_000, 123_456_789)
+    );
     assert_eq!(stat("etc/hostname").atime(), 1_700_000_000);
     assert_eq!(stat("bin/ping").mtime(), 86_400);
     let null = stat("etc/null");
@@ -156,7 +167,10 @@ fn the_mount_shows_every_path_attribute_xattr_link_and_byte_of_the_index() {
         .map(|e| e.unwrap().file_name().as_bytes().to_vec())
         .collect();
     assert_eq!(listed, vec![b"\xff\xfe-not-utf8 name".to_vec()]);
-    assert_eq!(std::fs::read_dir(root.join("many")).unwrap().count(), SMALL_FILES);
+    assert_eq!(
+        std::fs::read_dir(root.join("many")).unwrap().count(),
+        SMALL_FILES
+    );
 
     // Missing names: ENOENT, again and again (the second answer may be cached).
     for _ in 0..2 {
@@ -170,7 +184,13 @@ fn the_mount_shows_every_path_attribute_xattr_link_and_byte_of_the_index() {
     let ping = root.join("bin/ping");
     let mut names: Vec<_> = xattr::list(&ping).unwrap().collect();
     names.sort();
-    assert_eq!(names, vec![OsStr::new("security.capability"), OsStr::new("user.comment")]);
+    assert_eq!(
+        names,
+        vec![
+            OsStr::new("security.capability"),
+            OsStr::new("user.comment")
+        ]
+    );
     assert_eq!(xattr::get(&ping, "user.missing").unwrap(), None);
     let tmp = root.join("tmp");
     assert_eq!(xattr::get(&tmp, "user.big").unwrap(), Some(vec![7u8; 3000]));
@@ -179,15 +199,29 @@ fn the_mount_shows_every_path_attribute_xattr_link_and_byte_of_the_index() {
     let path = std::ffi::CString::new(tmp.as_os_str().as_bytes()).unwrap();
     // SAFETY: valid C strings and a buffer of the stated length.
     let rc = unsafe {
-        libc::lgetxattr(path.as_ptr(), name.as_ptr(), small.as_mut_ptr().cast(), small.len())
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            small.as_mut_ptr().cast(),
+            small.len(),
+        )
     };
     assert_eq!(rc, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ERANGE));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ERANGE)
+    );
 
     // Reads at every kind of offset: across chunk boundaries, in holes, past the end.
     let big = image.content(b"bin/big");
     let file = std::fs::File::open(root.join("bin/big")).unwrap();
-    for (offset, len) in [(0, 10), (65530, 20), (65536 * 5 + 1000, 5000), (big.len() as u64, 10), (big.len() as u64 + 100, 10)] {
+    for (offset, len) in [
+        (0, 10),
+        (65530, 20),
+        (65536 * 5 + 1000, 5000),
+        (big.len() as u64, 10),
+        (big.len() as u64 + 100, 10),
+    ] {
         let mut buf = vec![0xAAu8; len];
         let n = std::os::unix::fs::FileExt::read_at(&file, &mut buf, offset).unwrap();
         let start = (offset as usize).min(big.len());

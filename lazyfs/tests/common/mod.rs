@@ -18,8 +18,8 @@ use sha2::{Digest as _, Sha256};
 use stoker_cache::ChunkCache;
 use stoker_fetch::{BlobSource, FetchConfig, FetchSourceError, Fetcher};
 use stoker_format::{
-    BlobInfo, ChunkId, ChunkRecord, ChunkTable, Chunking, Digest, FileKind, FilePiece, Index,
-    Meta, Node, NodeId, NodeKind, Tree,
+    BlobInfo, ChunkId, ChunkRecord, ChunkTable, Chunking, Digest, FileKind, FilePiece, Index, Meta,
+    Node, NodeId, NodeKind, Tree,
 };
 use stoker_lazyfs::{MountHandle, MountOptions};
 use stoker_testkit::tree::{EntrySnapshot, FileKind as SnapKind, TreeSnapshot, is_ignored_xattr};

@@ -1,0 +1,194 @@
+//! FUSE passthrough: fully cached files are read by the kernel from a local
+//! backing file, without a FUSE read; everything else still works normally.
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::time::Duration;
+
+use common::*;
+use stoker_format::Tree;
+use stoker_lazyfs::{AssemblyOptions, MountOptions};
+
+fn image() -> TestImage {
+    let mut b = ImageBuilder::new();
+    let root = Tree::ROOT;
+    b.file(
+        root,
+        b"one",
+        &pattern(1, 100_000),
+        1 << 20,
+        meta(0o644, 0, 0),
+    );
+    b.file(
+        root,
+        b"multi",
+        &pattern(2, 5 * 65536 + 99),
+        65536,
+        meta(0o644, 0, 0),
+    );
+    b.sparse_file(
+        root,
+        b"holes",
+        1 << 20,
+        &[(4096, pattern(3, 8192)), (500_000, pattern(4, 30_000))],
+        meta(0o644, 0, 0),
+    );
+    b.file(
+        root,
+        b"cold",
+        &pattern(5, 50_000),
+        1 << 20,
+        meta(0o644, 0, 0),
+    );
+    b.finish()
+}
+
+fn read_all(path: &std::path::Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    File::open(path).unwrap().read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn fully_cached_files_are_read_through_passthrough_without_fuse_reads() {
+    if !fuse_available("fully_cached_files_are_read_through_passthrough_without_fuse_reads") {
+        return;
+    }
+    let image = image();
+    let assembly_dir = tempfile::tempdir().unwrap();
+    let options = MountOptions {
+        assembly: Some(AssemblyOptions {
+            dir: assembly_dir.path().join("files"),
+            max_bytes: 64 << 20,
+        }),
+        ..MountOptions::default()
+    };
+    let mounted = mount_image(&image, 1 << 30, options, |cache| {
+        for path in [&b"one"[..], b"multi", b"holes"] {
+            image.warm(cache, path);
+        }
+    });
+    if !mounted.handle.passthrough_enabled() {
+        eprintln!(
+            "SKIPPED: fully_cached_files_are_read_through_passthrough_without_fuse_reads: the kernel does not offer FUSE passthrough"
+        );
+        return;
+    }
+    let counters = || mounted.handle.counters();
+
+    // A single-chunk file passes through its chunk file at once.
+    let before = counters();
+    assert_eq!(read_all(&mounted.path("one")), image.content(b"one"));
+    let after = counters();
+    assert_eq!(after.passthrough_opens, before.passthrough_opens + 1);
+    assert_eq!(
+        after.reads, before.reads,
+        "no FUSE read for a passthrough file"
+    );
+
+    // Multi-chunk and sparse files: the first open is served normally and has a
+    // backing file assembled in the background; later opens pass through.
+    for (path, name) in [(&b"multi"[..], "multi"), (b"holes", "holes")] {
+        let before = counters();
+        assert!(read_all(&mounted.path(name)) == image.content(path));
+        assert_eq!(counters().passthrough_opens, before.passthrough_opens);
+        let assembled =
+            stoker_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(10), || {
+                counters().assembled_files > before.assembled_files
+            });
+        assert!(assembled, "{name} was assembled");
+        let before = counters();
+        assert!(
+            read_all(&mounted.path(name)) == image.content(path),
+            "{name} via passthrough"
+        );
+        let after = counters();
+        assert_eq!(
+            after.passthrough_opens,
+            before.passthrough_opens + 1,
+            "{name}"
+        );
+        assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
+    }
+    let files: Vec<_> = std::fs::read_dir(assembly_dir.path().join("files"))
+        .unwrap()
+        .collect();
+    assert_eq!(
+        files.len(),
+        2,
+        "one assembled file each for multi and holes"
+    );
+}
+
+#[test]
+fn passthrough_never_mixes_with_normal_opens_of_the_same_file() {
+    if !fuse_available("passthrough_never_mixes_with_normal_opens_of_the_same_file") {
+        return;
+    }
+    let image = image();
+    let mounted = mount_image(&image, 1 << 30, MountOptions::default(), |_| {});
+    if !mounted.handle.passthrough_enabled() {
+        eprintln!(
+            "SKIPPED: passthrough_never_mixes_with_normal_opens_of_the_same_file: the kernel does not offer FUSE passthrough"
+        );
+        return;
+    }
+    let expected = image.content(b"cold");
+    // Not cached: a normal open, which fetches the chunk while reading.
+    let mut first = File::open(mounted.path("cold")).unwrap();
+    let mut content = Vec::new();
+    first.read_to_end(&mut content).unwrap();
+    assert!(content == expected);
+    assert_eq!(mounted.handle.counters().passthrough_opens, 0);
+    // Now fully cached, but the file is still open normally: a second open must
+    // not pass through (the kernel would refuse the mix with EIO).
+    let second = read_all(&mounted.path("cold"));
+    assert!(second == expected);
+    assert_eq!(mounted.handle.counters().passthrough_opens, 0);
+    drop(first);
+    // All normal opens are released; the next open passes through. The release
+    // reaches the filesystem asynchronously, so poll for it.
+    let passed =
+        stoker_testkit::wait_until(Duration::from_secs(10), Duration::from_millis(10), || {
+            assert!(read_all(&mounted.path("cold")) == expected);
+            mounted.handle.counters().passthrough_opens > 0
+        });
+    assert!(
+        passed,
+        "the file passes through once nobody has it open normally"
+    );
+    // Two passthrough opens at once share one backing file.
+    let a = File::open(mounted.path("cold")).unwrap();
+    let b = read_all(&mounted.path("cold"));
+    assert!(b == expected);
+    drop(a);
+}
+
+#[test]
+fn with_passthrough_off_every_read_goes_through_the_filesystem() {
+    if !fuse_available("with_passthrough_off_every_read_goes_through_the_filesystem") {
+        return;
+    }
+    let image = image();
+    let options = MountOptions {
+        passthrough: false,
+        ..MountOptions::default()
+    };
+    let mounted = mount_image(&image, 1 << 30, options, |cache| image.warm(cache, b"one"));
+    assert!(!mounted.handle.passthrough_enabled());
+    let before = mounted.handle.counters();
+    assert_eq!(read_all(&mounted.path("one")), image.content(b"one"));
+    let after = mounted.handle.counters();
+    assert_eq!(after.passthrough_opens, 0);
+    assert!(after.reads > before.reads);
+    assert_eq!(
+        mounted
+            .source
+            .request_count
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "served from the cache"
+    );
+}
