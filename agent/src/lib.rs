@@ -13,12 +13,20 @@
 //! - [`resolver`]: [`resolver::RegistryResolver`], finding an image's Stoker artifact in
 //!   its registry;
 //! - [`server`]: serving gRPC services on unix sockets;
-//! - [`config`]: the agent's YAML configuration with defaults and `STOKER_*` overrides.
+//! - [`config`]: the agent's YAML configuration with defaults and `STOKER_*` overrides;
+//! - [`trace`]: startup traces recorded from the lazy mounts' first chunk accesses;
+//! - [`prefetch`]: the prefetch executor that warms the chunk cache from plans;
+//! - [`api_server`], [`tls`]: the agent API (`stoker.agent.v1`) on a unix socket and on
+//!   TCP with mutual TLS.
 
+pub mod api_server;
 pub mod config;
+pub mod prefetch;
 pub mod resolver;
 pub mod server;
 pub mod snapshotter;
+pub mod tls;
+pub mod trace;
 
 mod error;
 
