@@ -157,7 +157,7 @@ ready=$(to_epoch "$(kubectl get pod "$pod" \
 # The new node's agent metrics: bytes fetched by the prefetch vs. by the pod.
 metrics=$(docker exec "$NEW_NODE" curl -fsS http://127.0.0.1:9501/metrics)
 bytes() {
-  awk -v p="$1" '$1 ~ /^stoker_fetch_bytes_total/ && $1 ~ "priority=\"" p "\"" { s += $2 } END { printf "%d", s }' <<<"$metrics"
+  awk -v p="$1" '$1 ~ /^stoker_fetch_bytes(_bytes)?_total/ && $1 ~ "priority=\"" p "\"" { s += $2 } END { printf "%d", s }' <<<"$metrics"
 }
 prefetched=$(bytes prefetch)
 on_demand=$(bytes on_demand)

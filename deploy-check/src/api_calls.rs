@@ -2,10 +2,10 @@
 //! `manifests/` RBAC is checked against (tests/rbac.rs), in both directions:
 //! every call is allowed, and every permission is used by a call.
 //!
-//! Kept here until the components export their own lists
-//! (`stoker_controller::rbac::REQUIRED`, and the agent's); then these become
-//! re-exports. A call added to the code without a line here fails in the
-//! cluster with 403, so add the line in the same change.
+//! The agent's and the controller's calls come from the list the controller
+//! crate keeps for both (`stoker_controller::rbac::REQUIRED`); the certgen
+//! script's calls are listed here. A call added to the code without a line in
+//! those lists fails in the cluster with 403: add the line in the same change.
 
 /// Where a call applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,234 +65,35 @@ const fn named(
     }
 }
 
-use Scope::{Cluster, OwnNamespace};
+use Scope::OwnNamespace;
 
-/// The node agent (ServiceAccount stoker-system/stoker-agent). Every write is
-/// further limited to its own Node by the ValidatingAdmissionPolicy
-/// `stoker-agent-own-node`.
-pub const AGENT: &[ApiCall] = &[
-    call("get", "", "nodes", Cluster, "read its own Node at start"),
-    call(
-        "list",
-        "",
-        "nodes",
-        Cluster,
-        "watch its own Node (metadata.name field selector)",
-    ),
-    call(
-        "watch",
-        "",
-        "nodes",
-        Cluster,
-        "watch its own Node (metadata.name field selector)",
-    ),
-    call(
-        "patch",
-        "",
-        "nodes",
-        Cluster,
-        "remove the startup taint once warm",
-    ),
-    call(
-        "patch",
-        "",
-        "nodes/status",
-        Cluster,
-        "set the StokerWarm condition",
-    ),
-];
+/// The Lease the controller elects its leader on (`--lease-name`, set in
+/// manifests/base/controller/deployment.yaml). Its Role names it, so the
+/// controller's lease calls other than `create` carry this name.
+pub const CONTROLLER_LEASE: &str = "stoker-controller";
 
-/// The controller (ServiceAccount stoker-system/stoker-controller), from issue 6.
-pub const CONTROLLER: &[ApiCall] = &[
-    call("get", "stoker.dev", "imageprefetches", Cluster, "reconcile"),
-    call(
-        "list",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "watch ImagePrefetch",
-    ),
-    call(
-        "watch",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "watch ImagePrefetch",
-    ),
-    call(
-        "create",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "default ImagePrefetch for an annotated Deployment",
-    ),
-    call(
-        "update",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "finalizers",
-    ),
-    call(
-        "patch",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "finalizers, ownership",
-    ),
-    call(
-        "delete",
-        "stoker.dev",
-        "imageprefetches",
-        Cluster,
-        "annotation removed from a Deployment",
-    ),
-    call(
-        "get",
-        "stoker.dev",
-        "imageprefetches/status",
-        Cluster,
-        "read status before a patch",
-    ),
-    call(
-        "update",
-        "stoker.dev",
-        "imageprefetches/status",
-        Cluster,
-        "status with resourceVersion",
-    ),
-    call(
-        "patch",
-        "stoker.dev",
-        "imageprefetches/status",
-        Cluster,
-        "plan, summary, node counts",
-    ),
-    call(
-        "update",
-        "stoker.dev",
-        "imageprefetches/finalizers",
-        Cluster,
-        "blockOwnerDeletion on owned objects",
-    ),
-    call(
-        "get",
-        "apps",
-        "deployments",
-        Cluster,
-        "the workload an ImagePrefetch serves",
-    ),
-    call(
-        "list",
-        "apps",
-        "deployments",
-        Cluster,
-        "watch Deployments (annotation, replicas, image)",
-    ),
-    call(
-        "watch",
-        "apps",
-        "deployments",
-        Cluster,
-        "watch Deployments (annotation, replicas, image)",
-    ),
-    call(
-        "update",
-        "apps",
-        "deployments/finalizers",
-        Cluster,
-        "an ImagePrefetch owned by its Deployment",
-    ),
-    call(
-        "get",
-        "apps",
-        "replicasets",
-        Cluster,
-        "pods of a Deployment",
-    ),
-    call("list", "apps", "replicasets", Cluster, "watch ReplicaSets"),
-    call("watch", "apps", "replicasets", Cluster, "watch ReplicaSets"),
-    call("get", "", "pods", Cluster, "a pod that started (learning)"),
-    call(
-        "list",
-        "",
-        "pods",
-        Cluster,
-        "reflector over selected and Pending pods, and the agent pods",
-    ),
-    call(
-        "watch",
-        "",
-        "pods",
-        Cluster,
-        "reflector over selected and Pending pods, and the agent pods",
-    ),
-    call("get", "", "nodes", Cluster, "candidate nodes"),
-    call(
-        "list",
-        "",
-        "nodes",
-        Cluster,
-        "metadata-only reflector over Nodes",
-    ),
-    call(
-        "watch",
-        "",
-        "nodes",
-        Cluster,
-        "metadata-only reflector over Nodes",
-    ),
-    call(
-        "patch",
-        "",
-        "nodes",
-        Cluster,
-        "finalizer cleanup of the startup taint",
-    ),
-    call(
-        "patch",
-        "",
-        "nodes/status",
-        Cluster,
-        "finalizer cleanup of the StokerWarm condition",
-    ),
-    call(
-        "create",
-        "events.k8s.io",
-        "events",
-        Cluster,
-        "Events on ImagePrefetch and Deployments",
-    ),
-    call("patch", "events.k8s.io", "events", Cluster, "Event series"),
-    call(
-        "create",
-        "coordination.k8s.io",
-        "leases",
-        OwnNamespace,
-        "leader election: first replica creates the Lease",
-    ),
-    named(
-        "get",
-        "coordination.k8s.io",
-        "leases",
-        "stoker-controller",
-        "leader election",
-    ),
-    named(
-        "update",
-        "coordination.k8s.io",
-        "leases",
-        "stoker-controller",
-        "leader election: renew",
-    ),
-    named(
-        "patch",
-        "coordination.k8s.io",
-        "leases",
-        "stoker-controller",
-        "leader election: take over",
-    ),
-];
+/// The calls of the agent and the controller, from the list the controller
+/// crate keeps for both (`stoker_controller::rbac::REQUIRED`).
+pub fn from_controller_crate(component: stoker_controller::rbac::Component) -> Vec<ApiCall> {
+    stoker_controller::rbac::REQUIRED
+        .iter()
+        .filter(|c| c.component == component)
+        .map(|c| ApiCall {
+            verb: c.verb,
+            group: c.group,
+            resource: c.resource,
+            scope: match c.scope {
+                stoker_controller::rbac::Scope::Cluster => Scope::Cluster,
+                stoker_controller::rbac::Scope::OwnNamespace => Scope::OwnNamespace,
+            },
+            name: (c.group == "coordination.k8s.io"
+                && c.resource == "leases"
+                && c.verb != "create")
+                .then_some(CONTROLLER_LEASE),
+            why: c.why,
+        })
+        .collect()
+}
 
 /// The certificate Job and CronJob (ServiceAccount stoker-system/stoker-certgen),
 /// from images/certgen/stoker-certgen.sh.
@@ -337,8 +138,14 @@ pub const CERTGEN: &[ApiCall] = &[
 ];
 
 /// ServiceAccount name → the calls it makes.
-pub const COMPONENTS: &[(&str, &[ApiCall])] = &[
-    ("stoker-agent", AGENT),
-    ("stoker-controller", CONTROLLER),
-    ("stoker-certgen", CERTGEN),
-];
+pub fn components() -> Vec<(&'static str, Vec<ApiCall>)> {
+    use stoker_controller::rbac::Component;
+    vec![
+        ("stoker-agent", from_controller_crate(Component::Agent)),
+        (
+            "stoker-controller",
+            from_controller_crate(Component::Controller),
+        ),
+        ("stoker-certgen", CERTGEN.to_vec()),
+    ]
+}

@@ -345,11 +345,16 @@ fn controller_is_highly_available() {
         assert!(container.get(probe).is_some(), "controller has no {probe}");
     }
     // The Lease the controller is told to use is the one its Role names.
-    let lease = array(container, "/env")
+    let args: Vec<&str> = array(container, "/args")
         .iter()
-        .find(|e| str_at(e, "/name") == "STOKER_LEASE_NAME")
-        .map(|e| str_at(e, "/value"))
-        .expect("STOKER_LEASE_NAME");
+        .filter_map(Value::as_str)
+        .collect();
+    let lease = args
+        .windows(2)
+        .find(|w| w[0] == "--lease-name")
+        .map(|w| w[1])
+        .expect("--lease-name");
+    assert_eq!(lease, stoker_deploy_check::api_calls::CONTROLLER_LEASE);
     let role = find(&objects, "Role", "stoker-controller-leader-election");
     assert!(
         array(role, "/rules")
