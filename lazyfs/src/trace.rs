@@ -44,6 +44,7 @@ pub(crate) enum Offered {
 
 pub(crate) struct AccessTrace {
     active: AtomicBool,
+    chunk_count: u32,
     /// One bit per chunk of the index: reported in the current trace.
     seen: Vec<AtomicU64>,
     sender: Mutex<Option<SyncSender<ChunkAccess>>>,
@@ -53,6 +54,7 @@ impl AccessTrace {
     pub(crate) fn new(chunk_count: u32) -> Self {
         AccessTrace {
             active: AtomicBool::new(false),
+            chunk_count,
             seen: (0..chunk_count.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
@@ -82,7 +84,7 @@ impl AccessTrace {
 
     /// Reports `chunk` if this is its first access in the current trace.
     pub(crate) fn offer(&self, chunk: u32, inode: InodeId, file_offset: u64) -> Offered {
-        if !self.is_active() {
+        if !self.is_active() || chunk >= self.chunk_count {
             return Offered::Skipped;
         }
         let Some(word) = self.seen.get(chunk as usize / 64) else {
