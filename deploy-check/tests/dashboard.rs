@@ -100,14 +100,11 @@ fn queried_names(value: &Value, names: &mut BTreeSet<String>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map {
-                if key == "expr" || key == "definition" {
-                    if let Some(expr) = child.as_str() {
-                        metric_tokens(expr, names);
+                match child.as_str() {
+                    Some(expr) if key == "expr" || key == "definition" => {
+                        metric_tokens(expr, names)
                     }
-                } else if key == "query" && child.is_object() {
-                    queried_names(child, names);
-                } else {
-                    queried_names(child, names);
+                    _ => queried_names(child, names),
                 }
             }
         }
