@@ -295,7 +295,8 @@ impl RegistryClient {
                     );
                     Scheme::Http
                 }
-                Err(e) => return Err(RegistryError::transport(target, e)),
+                // Neither works: the HTTPS error says more (e.g. an untrusted certificate).
+                Err(_) => return Err(RegistryError::transport(target, tls_error)),
             },
         };
         lock(&self.inner.schemes).insert(registry.to_string(), scheme);

@@ -146,7 +146,9 @@ impl RegistryError {
     /// 5xx, 408, broken responses, and a ranged read that ran out of time.
     pub fn is_transient(&self) -> bool {
         match self {
-            RegistryError::Transport { source, .. } => !source.is_builder(),
+            RegistryError::Transport { source, .. } => {
+                !source.is_builder() && !source.is_redirect() && !is_tls_rejection(source)
+            }
             RegistryError::Timeout { .. }
             | RegistryError::RateLimited { .. }
             | RegistryError::BadResponse { .. }
@@ -270,6 +272,26 @@ impl RegistryError {
             },
         }
     }
+}
+
+/// True when a TLS handshake failed for a reason retrying cannot fix: an untrusted or
+/// invalid certificate, or a peer that does not speak TLS.
+fn is_tls_rejection(error: &reqwest::Error) -> bool {
+    fn caused_by_rustls(error: &(dyn std::error::Error + 'static)) -> bool {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        // io::Error::source() skips the error it wraps; look inside it directly.
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && caused_by_rustls(inner)
+        {
+            return true;
+        }
+        error.source().is_some_and(caused_by_rustls)
+    }
+    caused_by_rustls(error)
 }
 
 /// Error bodies go into messages; keep them short.
