@@ -135,8 +135,11 @@ new_pod() {
   kubectl get pods -l app=sample --field-selector "spec.nodeName=$NEW_NODE" \
     -o jsonpath='{.items[0].metadata.name}'
 }
-wait_for "the new replica to be Ready on $NEW_NODE" 600 \
-  kubectl wait --for=condition=Ready "pod/$(new_pod || echo none)" --timeout=5s
+new_pod_ready() {
+  local pod
+  pod=$(new_pod) && [[ -n "$pod" ]] && kubectl wait --for=condition=Ready "pod/$pod" --timeout=5s
+}
+wait_for "the new replica to be Ready on $NEW_NODE" 600 new_pod_ready
 T[scale_up]=$(($(now) - start))
 
 # --- 5. assertions --------------------------------------------------------------
