@@ -10,6 +10,8 @@
 //! Modules:
 //! - [`snapshotter`]: snapshot semantics, metadata store (redb), remote-snapshot hook
 //!   ([`snapshotter::ImageResolver`], [`snapshotter::LazyMounter`]), gRPC service;
+//! - [`lazy_mount`]: [`lazy_mount::RegistryLazyMounter`], mounting an image's lazy
+//!   filesystem (index, fetcher over the node's chunk cache, FUSE mount);
 //! - [`resolver`]: [`resolver::RegistryResolver`], finding an image's Stoker artifact in
 //!   its registry;
 //! - [`server`]: serving gRPC services on unix sockets;
@@ -21,6 +23,7 @@
 
 pub mod api_server;
 pub mod config;
+pub mod lazy_mount;
 pub mod prefetch;
 pub mod resolver;
 pub mod server;

@@ -1,0 +1,214 @@
+//! [`RegistryLazyMounter`]: the [`LazyMounter`] that serves an image's Stoker index
+//! as a FUSE filesystem, fetching chunks from the image's registry on demand.
+//!
+//! For each image it mounts:
+//! 1. the index blob (named by the digest the resolver found) is read from the
+//!    image's repository and verified against that digest before it is decoded;
+//! 2. a [`Fetcher`] reads the image's chunk blobs from the same repository with
+//!    ranged GETs into the node's one [`ChunkCache`], shared by every image;
+//! 3. [`stoker_lazyfs::mount`] serves the index at the mountpoint.
+//!
+//! The mounted images are kept by mountpoint; [`RegistryLazyMounter::mounted`] gives
+//! their index, fetcher and mount handle to the trace recorder and the prefetch
+//! executor, so that they trace the same mount and warm the same fetcher.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::BoxFuture;
+use stoker_cache::ChunkCache;
+use stoker_convert::ImageStore;
+use stoker_fetch::{FetchConfig, Fetcher, RegistrySource};
+use stoker_format::{Digest, Index};
+use stoker_lazyfs::{MountHandle, MountOptions};
+use stoker_registry::RegistryClient;
+
+use crate::AgentError;
+use crate::snapshotter::{LazyImage, LazyMounter};
+
+/// One image mounted by a [`RegistryLazyMounter`]. Cheap to clone.
+#[derive(Clone)]
+pub struct MountedLazyImage {
+    pub image: LazyImage,
+    /// The image's decoded, verified index.
+    pub index: Arc<Index>,
+    /// The fetcher the mount reads through: prefetching with it warms the same
+    /// cache and joins the same in-flight fetches.
+    pub fetcher: Fetcher,
+    /// The mount, for access traces ([`MountHandle::start_access_trace`]) and
+    /// counters.
+    pub handle: Arc<MountHandle>,
+}
+
+impl std::fmt::Debug for MountedLazyImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountedLazyImage")
+            .field("image", &self.image)
+            .field("mountpoint", &self.handle.mountpoint())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mounts images' lazy filesystems from their registries over one node-wide chunk
+/// cache.
+pub struct RegistryLazyMounter {
+    client: RegistryClient,
+    cache: ChunkCache,
+    fetch_config: FetchConfig,
+    mount_options: MountOptions,
+    mounted: Mutex<HashMap<PathBuf, MountedLazyImage>>,
+}
+
+impl RegistryLazyMounter {
+    /// A mounter reading registries through `client` into `cache`.
+    pub fn new(
+        client: RegistryClient,
+        cache: ChunkCache,
+        fetch_config: FetchConfig,
+        mount_options: MountOptions,
+    ) -> RegistryLazyMounter {
+        RegistryLazyMounter {
+            client,
+            cache,
+            fetch_config,
+            mount_options,
+            mounted: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node's chunk cache.
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// The mounted image whose index digest is `index_digest`, if any.
+    pub fn mounted(&self, index_digest: &str) -> Option<MountedLazyImage> {
+        self.lock()
+            .values()
+            .find(|m| m.image.index_digest == index_digest)
+            .cloned()
+    }
+
+    /// Every mounted image.
+    pub fn all_mounted(&self) -> Vec<MountedLazyImage> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, MountedLazyImage>> {
+        // A panic while holding the lock cannot leave the map half-updated (each
+        // critical section is one insert/remove/read), so a poisoned lock is usable.
+        self.mounted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn mount_image(
+        &self,
+        image: &LazyImage,
+        mountpoint: &Path,
+    ) -> Result<MountedLazyImage, AgentError> {
+        let failed = |message: String| AgentError::Remote {
+            image: image.image_ref.clone(),
+            message,
+        };
+        let index_digest = Digest::parse(&image.index_digest)
+            .map_err(|e| failed(format!("index digest {:?}: {e}", image.index_digest)))?;
+        let (store, _) = ImageStore::registry(self.client.clone(), &image.image_ref)
+            .map_err(|e| failed(e.to_string()))?;
+        let index_bytes = store
+            .blob(&index_digest)
+            .await
+            .map_err(|e| failed(format!("reading index {index_digest}: {e}")))?;
+        let index = Index::decode_verified(&index_bytes, &index_digest)
+            .map_err(|e| failed(format!("index {index_digest}: {e}")))?;
+        let index = Arc::new(index);
+        let repository = stoker_registry::parse_reference(&image.image_ref)
+            .map_err(|e| failed(e.to_string()))?;
+        let fetcher = Fetcher::new(
+            Arc::new(RegistrySource::new(self.client.clone(), repository)),
+            self.cache.clone(),
+            self.fetch_config.clone(),
+        );
+
+        // mount(2) and starting the session threads block; the lazy filesystem uses
+        // this runtime (found from the blocking thread) for its fetches.
+        let (mount_index, mount_fetcher) = (Arc::clone(&index), fetcher.clone());
+        let (target, options) = (mountpoint.to_path_buf(), self.mount_options.clone());
+        let handle = tokio::task::spawn_blocking(move || {
+            stoker_lazyfs::mount(mount_index, mount_fetcher, &target, options)
+        })
+        .await
+        .map_err(|e| failed(format!("mount task failed: {e}")))?
+        .map_err(|e| failed(error_chain(&e)))?;
+        tracing::info!(
+            image = %image.image_ref,
+            index = %image.index_digest,
+            inodes = index.inode_count(),
+            mountpoint = %mountpoint.display(),
+            "lazy filesystem mounted"
+        );
+        Ok(MountedLazyImage {
+            image: image.clone(),
+            index,
+            fetcher,
+            handle: Arc::new(handle),
+        })
+    }
+}
+
+impl LazyMounter for RegistryLazyMounter {
+    fn mount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        Box::pin(async move {
+            let mounted = self.mount_image(image, mountpoint).await?;
+            let replaced = self.lock().insert(mountpoint.to_path_buf(), mounted);
+            if let Some(old) = replaced {
+                // The snapshotter detached a dead mount here before asking again.
+                tracing::warn!(mountpoint = %mountpoint.display(), image = %old.image.image_ref, "replacing a lazy mount record");
+            }
+            Ok(())
+        })
+    }
+
+    fn unmount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        Box::pin(async move {
+            let Some(mounted) = self.lock().remove(mountpoint) else {
+                return Ok(());
+            };
+            let target = mountpoint.to_path_buf();
+            tokio::task::spawn_blocking(move || match Arc::try_unwrap(mounted.handle) {
+                Ok(handle) => handle.unmount(),
+                // Someone (a trace under way) still holds the handle: unmount by
+                // path now; the session ends when the last holder drops it.
+                Err(_shared) => stoker_lazyfs::unmount(&target),
+            })
+            .await
+            .map_err(|e| AgentError::Remote {
+                image: image.image_ref.clone(),
+                message: format!("unmount task failed: {e}"),
+            })?
+            .map_err(|e| AgentError::Remote {
+                image: image.image_ref.clone(),
+                message: error_chain(&e),
+            })
+        })
+    }
+}
+
+/// An error and its sources, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
