@@ -7,6 +7,7 @@
 mod convert_cmd;
 mod image_args;
 mod inspect_cmd;
+mod mount_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,10 @@ enum Command {
     Inspect(inspect_cmd::InspectArgs),
     /// List a directory of an image from its index alone.
     Ls(inspect_cmd::LsArgs),
+    /// Mount a converted image lazily at a directory (foreground; Ctrl-C unmounts).
+    Mount(mount_cmd::MountArgs),
+    /// Unmount a `stoker mount`.
+    Unmount(mount_cmd::UnmountArgs),
 }
 
 #[tokio::main]
@@ -46,6 +51,8 @@ async fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert_cmd::run(args).await,
         Command::Inspect(args) => inspect_cmd::inspect(args).await,
         Command::Ls(args) => inspect_cmd::ls(args).await,
+        Command::Mount(args) => mount_cmd::mount(args).await,
+        Command::Unmount(args) => mount_cmd::unmount(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
