@@ -28,6 +28,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub timeouts: TimeoutConfig,
     pub prefetch: PrefetchConfig,
+    /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), e.g.
+    /// `0.0.0.0:9102`; no endpoint when not set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The on-disk chunk cache.
@@ -90,6 +93,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             timeouts: TimeoutConfig::default(),
             prefetch: PrefetchConfig::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -140,6 +144,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("STOKER_RESOLVE_TIMEOUT_SECS", "timeouts.resolve_secs"),
     ("STOKER_NEGATIVE_CACHE_SECS", "timeouts.negative_cache_secs"),
     ("STOKER_PREFETCH_CONCURRENCY", "prefetch.concurrency"),
+    ("STOKER_METRICS_ADDR", "metrics_addr (HOST:PORT)"),
     (
         "STOKER_PREFETCH_BACKGROUND_REST",
         "prefetch.background_rest (true/false)",
@@ -233,6 +238,11 @@ impl Config {
             self.prefetch.concurrency = u32::try_from(n).map_err(|_| {
                 AgentError::Config(format!("STOKER_PREFETCH_CONCURRENCY={n} is too large"))
             })?;
+        }
+        if let Some(v) = env("STOKER_METRICS_ADDR").filter(|v| !v.is_empty()) {
+            self.metrics_addr = Some(v.trim().parse().map_err(|_| {
+                AgentError::Config(format!("STOKER_METRICS_ADDR={v:?} is not HOST:PORT"))
+            })?);
         }
         if let Some(v) = env("STOKER_PREFETCH_BACKGROUND_REST").filter(|v| !v.is_empty()) {
             self.prefetch.background_rest = match v.trim() {

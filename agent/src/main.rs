@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use stoker_agent::snapshotter::{NoArtifacts, NoLazyMounts, SnapshotterOptions};
+use stoker_agent::lazy_mount::RegistryLazyMounter;
+use stoker_agent::resolver::RegistryResolver;
+use stoker_agent::snapshotter::SnapshotterOptions;
 use stoker_agent::{Config, Snapshotter, server};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -46,12 +48,30 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // Lazy loading is wired in when the lazy filesystem lands; until then every image
-    // is unpacked as containerd's overlayfs snapshotter would.
+    stoker_registry::install_crypto_provider();
+    // Before the first fetcher creates its instruments on the global meter.
+    if let Some(addr) = config.metrics_addr {
+        let exporter = stoker_telemetry::install().context("installing the metrics exporter")?;
+        let (bound, _task) = exporter
+            .serve(addr)
+            .await
+            .context("serving the metrics endpoint")?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+    }
+    let registry = registry_client(&config)?;
+    let cache_dir = config.cache_dir();
+    let cache = stoker_cache::ChunkCache::open(&cache_dir, config.cache.max_bytes)
+        .with_context(|| format!("opening the chunk cache {}", cache_dir.display()))?;
+    let mounter = Arc::new(RegistryLazyMounter::new(
+        registry.clone(),
+        cache,
+        stoker_fetch::FetchConfig::default(),
+        stoker_lazyfs::MountOptions::default(),
+    ));
     let snapshotter = Snapshotter::open(
         &config.snapshotter_root(),
-        Arc::new(NoArtifacts),
-        Arc::new(NoLazyMounts),
+        Arc::new(RegistryResolver::new(registry)),
+        mounter,
         SnapshotterOptions {
             negative_cache_ttl: config.negative_cache_ttl(),
             resolve_timeout: std::time::Duration::from_secs(config.timeouts.resolve_secs),
@@ -77,4 +97,23 @@ async fn main() -> anyhow::Result<()> {
     };
     server::serve_snapshotter(listener, Arc::new(snapshotter), shutdown).await?;
     Ok(())
+}
+
+/// The registry client for the node: HTTPS, plain HTTP for the configured insecure
+/// registries (and, after HTTPS fails, for loopback ones), credentials from the
+/// configured docker config file or the default one.
+fn registry_client(config: &Config) -> anyhow::Result<stoker_registry::RegistryClient> {
+    let request_timeout = std::time::Duration::from_secs(config.timeouts.request_secs);
+    let registry_config = stoker_registry::RegistryConfig {
+        insecure_hosts: config.registry.insecure.clone(),
+        docker_config: config
+            .registry
+            .docker_config
+            .clone()
+            .or_else(stoker_registry::default_docker_config_path),
+        request_timeout,
+        read_deadline: request_timeout * 2,
+        ..Default::default()
+    };
+    stoker_registry::RegistryClient::new(registry_config).context("building the registry client")
 }
