@@ -57,7 +57,8 @@ umask 077
 
 # --- Secret storage: the Kubernetes API, or directories in --local mode --------
 
-SA_DIR=/var/run/secrets/kubernetes.io/serviceaccount
+# The pod's ServiceAccount token and the API server's CA (overridable for tests).
+SA_DIR=${STOKER_SA_DIR:-/var/run/secrets/kubernetes.io/serviceaccount}
 api_url() {
   host=${KUBERNETES_SERVICE_HOST:?not in a pod: KUBERNETES_SERVICE_HOST is unset (use --local DIR)}
   case "$host" in *:*) host="[$host]" ;; esac
