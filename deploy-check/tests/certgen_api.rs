@@ -39,7 +39,7 @@ fn answer(state: &mut ApiState, method: &str, path: &str, auth: &str, body: &[u8
         .strip_prefix(PREFIX)
         .unwrap_or("?")
         .trim_start_matches('/');
-    let mut store = |state: &mut ApiState, mut secret: Value| {
+    let store = |state: &mut ApiState, mut secret: Value| {
         state.next_version += 1;
         secret["metadata"]["resourceVersion"] = json!(state.next_version.to_string());
         state.secrets.insert(
