@@ -240,6 +240,10 @@ impl Index {
         }
         // Each directory other than the root is named by exactly one entry.
         let mut dir_refs = vec![0u8; self.inodes.count as usize];
+        // Each inode's dirents, filerefs and xattrs directly follow the previous
+        // inode's, as the encoder writes them: no record is checked twice, so
+        // validation stays linear in the size of the index.
+        let (mut next_dirent, mut next_fileref, mut next_xattr) = (0u32, 0u32, 0u32);
         for ino in 0..self.inodes.count {
             let rec = self.inodes.record(ino).start;
             let mode = u32_at(&self.raw, rec + inode::MODE);
@@ -262,6 +266,12 @@ impl Index {
             if !in_range(x_start, x_count, self.xattrs.count) {
                 return Err(invalid(format!("inode {ino} has xattrs out of range")));
             }
+            if x_start != next_xattr {
+                return Err(invalid(format!(
+                    "inode {ino} xattrs do not follow the previous inode's"
+                )));
+            }
+            next_xattr = x_start + x_count;
             for x in x_start..x_start + x_count {
                 let r = self.xattrs.record(x).start;
                 for (off, len) in [(0, 4), (8, 12)] {
@@ -274,6 +284,12 @@ impl Index {
                     if !in_range(start, len, self.dirents.count) {
                         return Err(invalid(format!("directory {ino} has entries out of range")));
                     }
+                    if start != next_dirent {
+                        return Err(invalid(format!(
+                            "directory {ino} entries do not follow the previous directory's"
+                        )));
+                    }
+                    next_dirent = start + len;
                     let mut previous: Option<&[u8]> = None;
                     for d in start..start + len {
                         let (name, child) = self.dirent(d).ok_or_else(|| {
@@ -313,6 +329,12 @@ impl Index {
                     if !in_range(start, len, self.filerefs.count) {
                         return Err(invalid(format!("file {ino} has chunks out of range")));
                     }
+                    if start != next_fileref {
+                        return Err(invalid(format!(
+                            "file {ino} chunks do not follow the previous file's"
+                        )));
+                    }
+                    next_fileref = start + len;
                     let size = u64_at(&self.raw, rec + inode::SIZE);
                     let mut end = 0u64;
                     for f in start..start + len {
@@ -320,10 +342,13 @@ impl Index {
                         if piece.chunk >= self.chunks.count || piece.file_offset < end {
                             return Err(invalid(format!("file {ino} has a bad chunk list")));
                         }
-                        end = piece.file_offset + piece.len as u64;
-                        if end > size {
-                            return Err(invalid(format!("file {ino} chunks run past its size")));
-                        }
+                        end = piece
+                            .file_offset
+                            .checked_add(piece.len as u64)
+                            .filter(|end| *end <= size)
+                            .ok_or_else(|| {
+                                invalid(format!("file {ino} chunks run past its size"))
+                            })?;
                     }
                 }
                 FileKind::Symlink => {

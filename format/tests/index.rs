@@ -268,3 +268,67 @@ fn a_directory_linked_twice_cannot_be_encoded() {
             .is_err()
     );
 }
+
+/// Byte offset of inode `ino`'s record and of the fileref section in a raw index.
+fn raw_offsets(raw: &[u8], ino: u32) -> (usize, usize) {
+    use stoker_format::layout::{self, header};
+    let count = |off: usize| u32::from_le_bytes(raw[off..off + 4].try_into().unwrap()) as usize;
+    let inodes = layout::HEADER_SIZE
+        + count(header::BLOBS) * layout::BLOB_SIZE
+        + count(header::CHUNKS) * layout::CHUNK_SIZE;
+    let filerefs = inodes
+        + count(header::INODES) * layout::INODE_SIZE
+        + count(header::DIRENTS) * layout::DIRENT_SIZE;
+    (inodes + ino as usize * layout::INODE_SIZE, filerefs)
+}
+
+/// Found by the index_decode fuzz target's checks: a chunk whose file offset
+/// plus length overflows u64 used to pass the "ends within the file" check by
+/// wrapping around (and panicked where overflow checks are on).
+#[test]
+fn a_chunk_offset_that_overflows_is_refused() {
+    let (tree, table) = sample();
+    let raw = tree.encode_raw(&table, Chunking::default()).unwrap();
+    let index = Index::from_raw(raw.clone()).unwrap();
+    let passwd = index.resolve(b"etc/passwd").unwrap();
+    let first = index.file_chunks(passwd).next().unwrap();
+    assert_eq!(first.file_offset, 0);
+    let (record, filerefs) = raw_offsets(&raw, passwd);
+    let start = u32::from_le_bytes(raw[record + 48..record + 52].try_into().unwrap()) as usize;
+    // The second piece (50 bytes at 300) moves to u64::MAX - 10: its end wraps to 39.
+    let offset_field = filerefs + (start + 1) * 12 + 4;
+    let mut bad = raw.clone();
+    bad[offset_field..offset_field + 8].copy_from_slice(&(u64::MAX - 10).to_le_bytes());
+    let err = Index::from_raw(bad).unwrap_err().to_string();
+    assert!(err.contains("run past its size"), "{err}");
+}
+
+/// Inodes may not share dirent, fileref or xattr records: with sharing, a small
+/// index (N inodes all naming the same M records) made validation take N × M
+/// steps, seconds of CPU for an 11 KB blob.
+#[test]
+fn inodes_sharing_records_are_refused() {
+    let (tree, table) = sample();
+    let raw = tree.encode_raw(&table, Chunking::default()).unwrap();
+    let index = Index::from_raw(raw.clone()).unwrap();
+    let passwd = index.resolve(b"etc/passwd").unwrap();
+    let empty = index.resolve(b"empty").unwrap();
+    let (passwd_record, _) = raw_offsets(&raw, passwd);
+    let (empty_record, _) = raw_offsets(&raw, empty);
+
+    // `empty` claims passwd's chunks (and its size, so they fit).
+    let mut shared_chunks = raw.clone();
+    for (from, len) in [(36, 8), (48, 8)] {
+        let field = raw[passwd_record + from..passwd_record + from + len].to_vec();
+        shared_chunks[empty_record + from..empty_record + from + len].copy_from_slice(&field);
+    }
+    let err = Index::from_raw(shared_chunks).unwrap_err().to_string();
+    assert!(err.contains("do not follow"), "{err}");
+
+    // `empty` claims passwd's xattrs.
+    let mut shared_xattrs = raw.clone();
+    let field = raw[passwd_record + 56..passwd_record + 64].to_vec();
+    shared_xattrs[empty_record + 56..empty_record + 64].copy_from_slice(&field);
+    let err = Index::from_raw(shared_xattrs).unwrap_err().to_string();
+    assert!(err.contains("do not follow"), "{err}");
+}
