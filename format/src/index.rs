@@ -137,7 +137,12 @@ impl Index {
             .len()
             .saturating_mul(MAX_EXPANSION)
             .min(MAX_RAW_LEN) as u64;
-        let decoder = zstd::stream::read::Decoder::new(compressed).map_err(corrupt_zstd)?;
+        let mut decoder = zstd::stream::read::Decoder::new(compressed).map_err(corrupt_zstd)?;
+        // zstd allocates its window up front, as large as the frame header asks
+        // (128 MiB by default): a 10-byte blob could ask for that much.
+        decoder
+            .window_log_max(window_log_for(limit))
+            .map_err(corrupt_zstd)?;
         let mut raw = Vec::new();
         decoder
             .take(limit + 1)
@@ -701,6 +706,13 @@ fn kind_of(mode: u32) -> Option<FileKind> {
         S_IFSOCK => FileKind::Socket,
         _ => return None,
     })
+}
+
+/// The zstd window (log2 bytes) an index of at most `limit` bytes may need:
+/// enough for `limit`, and at least the 8 MiB window of streamed zstd output at
+/// levels up to 19, so indexes compressed without a known size still decode.
+fn window_log_for(limit: u64) -> u32 {
+    (u64::BITS - limit.saturating_sub(1).leading_zeros()).clamp(23, 31)
 }
 
 fn in_range(start: u32, len: u32, count: u32) -> bool {

@@ -282,8 +282,8 @@ fn raw_offsets(raw: &[u8], ino: u32) -> (usize, usize) {
     (inodes + ino as usize * layout::INODE_SIZE, filerefs)
 }
 
-/// Found by the index_decode fuzz target's checks: a chunk whose file offset
-/// plus length overflows u64 used to pass the "ends within the file" check by
+/// Found while writing the index_decode fuzz target: a chunk whose file offset
+/// plus length overflows u64 passed the "ends within the file" check by
 /// wrapping around (and panicked where overflow checks are on).
 #[test]
 fn a_chunk_offset_that_overflows_is_refused() {
@@ -331,4 +331,28 @@ fn inodes_sharing_records_are_refused() {
     shared_xattrs[empty_record + 56..empty_record + 64].copy_from_slice(&field);
     let err = Index::from_raw(shared_xattrs).unwrap_err().to_string();
     assert!(err.contains("do not follow"), "{err}");
+}
+
+/// Found by fuzzing with a malloc limit: a 10-byte zstd frame whose header asks
+/// for a 128 MiB window made the decoder allocate 128 MiB before reading any data.
+#[test]
+fn a_frame_asking_for_a_huge_window_is_refused() {
+    // Magic, no content size, window 2^27, one raw block holding "A".
+    let blob = [0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x88, 0x09, 0x00, 0x00, b'A'];
+    let err = Index::decode(&blob).unwrap_err().to_string();
+    assert!(err.contains("not valid zstd"), "{err}");
+    assert!(!err.contains("magic"), "the frame was decoded: {err}");
+}
+
+/// The window cap still lets through indexes compressed as a stream, without
+/// their size in the frame header (as `zstd` does from a pipe).
+#[test]
+fn an_index_compressed_without_a_known_size_decodes() {
+    use std::io::Write;
+    let (tree, table) = sample();
+    let raw = tree.encode_raw(&table, Chunking::default()).unwrap();
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+    encoder.write_all(&raw).unwrap();
+    let streamed = encoder.finish().unwrap();
+    assert_eq!(Index::decode(&streamed).unwrap().inode_count(), 7);
 }
