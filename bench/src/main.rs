@@ -3,6 +3,7 @@
 //! machine and the method.
 
 mod convert_bench;
+mod demo;
 mod images;
 mod report;
 
@@ -10,7 +11,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Sections to run (comma-separated): convert.
+    /// Sections to run (comma-separated): convert, demo.
     #[arg(long, default_value = "convert", value_delimiter = ',')]
     sections: Vec<String>,
     /// Smaller inputs for a quick run (not for BENCHMARKS.md).
@@ -33,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     for name in &args.sections {
         let section = match name.as_str() {
             "convert" => convert_bench::run(size).await?,
+            "demo" => demo::run(size).await?,
             other => anyhow::bail!("unknown section {other:?}"),
         };
         println!("{}", section.markdown());

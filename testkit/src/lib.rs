@@ -18,6 +18,7 @@
 //! a loud `SKIPPED:` line.
 
 pub mod containerd;
+pub mod fault_proxy;
 pub mod image;
 pub mod registry;
 pub mod tree;
