@@ -195,7 +195,10 @@ async fn warm_batch(
     fetcher: &Fetcher,
     batch: Vec<ChunkLocation>,
 ) -> Result<Vec<ChunkLocation>, String> {
-    fetcher.prefetch(&batch).await.map_err(|e| e.to_string())?;
+    fetcher
+        .prefetch(&batch)
+        .await
+        .map_err(|e| with_causes(&e))?;
     let cache = fetcher.cache();
     let missing: Vec<ChunkLocation> = batch
         .iter()
@@ -206,7 +209,7 @@ async fn warm_batch(
         fetcher
             .fetch_chunks(&missing, Priority::Prefetch)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| with_causes(&e))?;
         if let Some(lost) = missing.iter().find(|c| !cache.contains(&c.digest)) {
             return Err(format!(
                 "chunk {} was verified but the cache did not keep it (cache disk full?)",
@@ -215,6 +218,18 @@ async fn warm_batch(
         }
     }
     Ok(batch)
+}
+
+/// `error: cause: cause…`, so the progress says why, not only what failed.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn finish(progress: &watch::Sender<Progress>, outcome: Outcome) -> Outcome {
