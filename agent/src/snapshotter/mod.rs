@@ -538,7 +538,7 @@ impl Snapshotter {
     async fn ensure_mounted(&self, image: &LazyImage) -> Result<(), AgentError> {
         let mountpoint = self.mountpoint(&image.index_digest);
         if mounts::is_mountpoint(&mountpoint) {
-            if std::fs::metadata(&mountpoint).is_ok() {
+            if mounts::answers_statfs(&mountpoint) {
                 return Ok(());
             }
             tracing::warn!(mountpoint = %mountpoint.display(), "detaching a dead lazy mount");

@@ -82,6 +82,21 @@ pub fn is_mountpoint(path: &Path) -> bool {
         .any(|mountpoint| unescape_mountinfo(mountpoint) == wanted)
 }
 
+/// True when the filesystem mounted at `path` answers `statfs(2)`. A FUSE mount whose
+/// server died fails it with `ENOTCONN`; `stat` is no test, since the kernel may answer
+/// it from cached attributes without asking the (dead) server.
+pub fn answers_statfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c_path` is a valid NUL-terminated string and `buf` points to writable
+    // memory of the size statfs(2) fills; neither is kept after the call.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), buf.as_mut_ptr()) };
+    rc == 0
+}
+
 /// Lazily unmounts `path` (`umount2(MNT_DETACH)`): it disappears from the namespace
 /// now, and is released once the last user (e.g. a running overlay) lets go.
 pub fn detach_mount(path: &Path) -> Result<(), AgentError> {
