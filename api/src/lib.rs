@@ -33,12 +33,12 @@ pub mod proto {
     }
 }
 
+/// `containerd.services.snapshots.v1`: the snapshotter API.
+pub use proto::containerd::services::snapshots::v1 as snapshots;
 /// containerd's mount type, shared by the snapshot messages.
 pub use proto::containerd::types::Mount;
 /// `stoker.agent.v1`: the agent's control API.
 pub use proto::stoker::agent::v1 as agent;
-/// `containerd.services.snapshots.v1`: the snapshotter API.
-pub use proto::containerd::services::snapshots::v1 as snapshots;
 
 /// The gRPC service name containerd's proxy plugin calls.
 pub const SNAPSHOTS_SERVICE: &str = "containerd.services.snapshots.v1.Snapshots";
