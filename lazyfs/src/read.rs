@@ -9,10 +9,11 @@
 //!
 //! Read-ahead: each open file remembers how far ahead chunks have been asked for.
 //! When a read comes within half a window of that mark, the chunks up to one
-//! window past the read are handed to [`Fetcher::prefetch`] in one batch, in the
-//! background, at prefetch priority, so they never delay a reader's own fetch.
+//! window past the read are asked for in one batch, in the background, never
+//! delaying the reader's own fetch (see [`Reader::read_ahead`] for the priority).
 
 use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -45,6 +46,8 @@ pub(crate) enum ReadError {
     },
     #[error("the index names chunk {0}, which it does not contain")]
     UnknownChunk(u32),
+    #[error("chunk {chunk} overlaps the previous piece of the file")]
+    Overlap { chunk: u32 },
 }
 
 /// Per-open-file read state.
@@ -52,6 +55,8 @@ pub(crate) enum ReadError {
 pub(crate) struct ReadState {
     /// File offset up to which chunks have been asked for ahead of the reader.
     readahead_until: AtomicU64,
+    /// Where the last read ended.
+    last_end: AtomicU64,
 }
 
 /// Chunks recently read, kept open (and pinned in the cache) so a sequential
@@ -156,19 +161,29 @@ impl Reader {
                 metrics.trace_dropped();
             }
         }
-        let data = self.chunk_data(&pieces, id, end, state, metrics)?;
+        let data = self.chunk_data(&pieces, id, offset..end, state, metrics)?;
 
         BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
             let len = (end - offset) as usize;
-            buffer.clear();
-            buffer.resize(len, 0); // holes stay zero
+            if buffer.len() < len {
+                buffer.resize(len, 0);
+            }
+            // Every byte of `out` is written below, in order (pieces are sorted
+            // and disjoint, the index checks that), so the buffer is not zeroed
+            // first: holes are zero-filled as they are met.
+            let out = &mut buffer[..len];
+            let mut cursor = offset;
             for (piece, chunk) in pieces.iter().zip(&data) {
-                // The part of this piece inside offset..end, in chunk and buffer coordinates.
+                // The part of this piece inside offset..end.
                 let piece_end = piece.file_offset + u64::from(piece.len);
                 let from = offset.max(piece.file_offset);
                 let to = end.min(piece_end);
-                let dest = &mut buffer[(from - offset) as usize..(to - offset) as usize];
+                if from < cursor || to < from {
+                    return Err(ReadError::Overlap { chunk: piece.chunk });
+                }
+                out[(cursor - offset) as usize..(from - offset) as usize].fill(0);
+                let dest = &mut out[(from - offset) as usize..(to - offset) as usize];
                 let got = chunk
                     .read_at(from - piece.file_offset, dest)
                     .map_err(|source| ReadError::Chunk {
@@ -182,9 +197,11 @@ impl Reader {
                         expected: dest.len(),
                     });
                 }
+                cursor = to;
             }
+            out[(cursor - offset) as usize..].fill(0);
             metrics.read_done(len);
-            Ok(reply(&buffer))
+            Ok(reply(out))
         })
     }
 
@@ -195,7 +212,7 @@ impl Reader {
         &self,
         pieces: &[FileChunk],
         id: InodeId,
-        read_end: u64,
+        read: Range<u64>,
         state: &ReadState,
         metrics: &Metrics,
     ) -> Result<Vec<ChunkData>, ReadError> {
@@ -216,7 +233,7 @@ impl Reader {
             }
             data.push(found);
         }
-        self.read_ahead(id, read_end, state, metrics);
+        self.read_ahead(id, read, state, metrics);
         if missing.is_empty() {
             return Ok(data.into_iter().flatten().collect());
         }
@@ -239,19 +256,29 @@ impl Reader {
             .collect()
     }
 
-    /// Asks for the chunks up to one window past `read_end` if the reader has come
+    /// Asks for the chunks up to one window past this read if the reader has come
     /// within half a window of what was asked for before.
-    fn read_ahead(&self, id: InodeId, read_end: u64, state: &ReadState, metrics: &Metrics) {
+    ///
+    /// A reader streaming through the file (this read starts near where the last
+    /// one ended, or inside the window already asked for) gets its read-ahead at
+    /// on-demand priority, in a request of its own running alongside the reader's:
+    /// it will need those chunks next, and at prefetch priority they would wait
+    /// for the reader's own fetch, leaving one request in flight at a time. Other
+    /// read-ahead (a reader jumping around) is fetched at prefetch priority.
+    fn read_ahead(&self, id: InodeId, read: Range<u64>, state: &ReadState, metrics: &Metrics) {
         let window = self.readahead_bytes;
+        let last_end = state.last_end.swap(read.end, Ordering::Relaxed);
         if window == 0 {
             return;
         }
         let asked = state.readahead_until.load(Ordering::Relaxed);
-        if read_end.saturating_add(window / 2) <= asked {
+        if read.end.saturating_add(window / 2) <= asked {
             return;
         }
-        let until = read_end.saturating_add(window);
-        let from = asked.max(read_end);
+        let streaming = read.start == 0
+            || (read.start >= last_end.saturating_sub(window) && read.start <= asked.max(last_end));
+        let until = read.end.saturating_add(window);
+        let from = asked.max(read.end);
         if state
             .readahead_until
             .compare_exchange(asked, until, Ordering::Relaxed, Ordering::Relaxed)
@@ -263,6 +290,9 @@ impl Reader {
         let wanted: Vec<ChunkLocation> = self
             .index
             .chunks_covering(id, from..until)
+            // A chunk starting before `from` is part of this read (fetched on
+            // demand) or was in the previous batch.
+            .filter(|piece| piece.file_offset >= from)
             .filter_map(|piece| self.index.chunk(piece.chunk))
             .filter(|loc| !cache.contains(&loc.digest))
             .collect();
@@ -272,7 +302,15 @@ impl Reader {
         metrics.readahead(wanted.len());
         let fetcher = self.fetcher.clone();
         self.runtime.spawn(async move {
-            if let Err(e) = fetcher.prefetch(&wanted).await {
+            let outcome = if streaming {
+                fetcher
+                    .fetch_chunks(&wanted, Priority::OnDemand)
+                    .await
+                    .map(drop)
+            } else {
+                fetcher.prefetch(&wanted).await
+            };
+            if let Err(e) = outcome {
                 debug!(error = %e, "read-ahead fetch failed; the reader will fetch on demand");
             }
         });

@@ -1,0 +1,513 @@
+//! The lazy filesystem benchmark (issue 3): one run, every number a ratio against
+//! the same files read from a local extracted directory.
+//!
+//! ```text
+//! sudo cargo run --release -p stoker-lazyfs --example bench -- [--files N] [--large-mib M] [--out FILE]
+//! ```
+//!
+//! Builds an image of N small files (default 30,000, 0.5–8 KiB, in directories of
+//! 100) and one large file (default 512 MiB, 1 MiB chunks), writes it extracted to
+//! a local directory, pushes its index and data blob to a real `docker-registry`
+//! on loopback, and measures:
+//!
+//! - fetching and decoding the index, mounting, and the first byte of a file (cold);
+//! - cold sequential read of the large file (empty cache, registry on loopback,
+//!   page cache dropped on both sides);
+//! - warm reads (every chunk in the local cache) through FUSE and through
+//!   passthrough, of the large file and of every small file;
+//! - `find` + `stat` of every entry on a fresh mount.
+//!
+//! Needs root (mounts, `/proc/sys/vm/drop_caches`) and `docker-registry`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use stoker_cache::ChunkCache;
+use stoker_fetch::{BlobSource, FetchConfig, Fetcher, RegistrySource};
+use stoker_format::{
+    BlobInfo, ChunkRecord, ChunkTable, Chunking, Digest, FilePiece, Index, Meta, Node, NodeKind,
+    Tree,
+};
+use stoker_lazyfs::{AssemblyOptions, MountHandle, MountOptions};
+use stoker_registry::{RegistryClient, RegistryConfig, parse_reference};
+
+type Error = Box<dyn std::error::Error>;
+
+struct Args {
+    files: usize,
+    large_mib: usize,
+    out: Option<PathBuf>,
+}
+
+fn args() -> Result<Args, Error> {
+    let mut args = Args {
+        files: 30_000,
+        large_mib: 512,
+        out: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--files" => args.files = value.parse()?,
+            "--large-mib" => args.large_mib = value.parse()?,
+            "--out" => args.out = Some(value.into()),
+            other => return Err(format!("unknown flag {other}").into()),
+        }
+    }
+    Ok(args)
+}
+
+/// Deterministic, incompressible bytes.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+struct Image {
+    index_blob: Bytes,
+    index_digest: Digest,
+    data_blob: Bytes,
+    small_files: Vec<PathBuf>,
+    large_file: PathBuf,
+}
+
+/// Builds the image and writes the same tree extracted under `native`.
+fn build_image(args: &Args, native: &Path) -> Result<Image, Error> {
+    let meta = |permissions| Meta {
+        permissions,
+        uid: 0,
+        gid: 0,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 0,
+        xattrs: BTreeMap::new(),
+    };
+    let mut tree = Tree::default();
+    let mut table = ChunkTable::default();
+    table.add_blob(BlobInfo {
+        digest: Digest::default(),
+        size: 0,
+    });
+    let mut blob = Vec::new();
+    let mut add_chunk = |table: &mut ChunkTable, bytes: &[u8]| -> Result<u32, Error> {
+        let compressed = zstd::bulk::compress(bytes, 1)?;
+        let id = table.insert(ChunkRecord {
+            digest: Digest::of(bytes),
+            blob: 0,
+            compressed_offset: blob.len() as u64,
+            compressed_len: compressed.len() as u32,
+            uncompressed_len: bytes.len() as u32,
+        });
+        if id as usize + 1 == table.chunks.len() {
+            blob.extend_from_slice(&compressed);
+        }
+        Ok(id)
+    };
+
+    let mut small_files = Vec::new();
+    let mut dir = 0;
+    for i in 0..args.files {
+        if i % 100 == 0 {
+            let name = format!("d{:04}", i / 100);
+            std::fs::create_dir_all(native.join("files").join(&name))?;
+            dir = tree.add(Node {
+                kind: NodeKind::Dir(BTreeMap::new()),
+                meta: meta(0o755),
+            });
+            let files = match tree.lookup(Tree::ROOT, b"files") {
+                Some(files) => files,
+                None => {
+                    let files = tree.add(Node {
+                        kind: NodeKind::Dir(BTreeMap::new()),
+                        meta: meta(0o755),
+                    });
+                    tree.link(Tree::ROOT, b"files", files);
+                    files
+                }
+            };
+            tree.link(files, name.as_bytes(), dir);
+        }
+        let content = pattern(i as u64, 512 + (i * 7919) % 7680);
+        let chunk = add_chunk(&mut table, &content)?;
+        let name = format!("f{i:05}.py");
+        let node = tree.add(Node {
+            kind: NodeKind::File {
+                size: content.len() as u64,
+                pieces: vec![FilePiece { offset: 0, chunk }],
+            },
+            meta: meta(0o644),
+        });
+        tree.link(dir, name.as_bytes(), node);
+        let relative = PathBuf::from(format!("files/d{:04}/{name}", i / 100));
+        std::fs::write(native.join(&relative), &content)?;
+        small_files.push(relative);
+    }
+
+    let mut large = Vec::with_capacity(args.large_mib << 20);
+    let mut pieces = Vec::new();
+    for i in 0..args.large_mib {
+        let part = pattern(1_000_000 + i as u64, 1 << 20);
+        pieces.push(FilePiece {
+            offset: (i as u64) << 20,
+            chunk: add_chunk(&mut table, &part)?,
+        });
+        large.extend_from_slice(&part);
+    }
+    let node = tree.add(Node {
+        kind: NodeKind::File {
+            size: large.len() as u64,
+            pieces,
+        },
+        meta: meta(0o644),
+    });
+    tree.link(Tree::ROOT, b"large.bin", node);
+    std::fs::write(native.join("large.bin"), &large)?;
+
+    let data_blob = Bytes::from(blob);
+    table.blobs[0] = BlobInfo {
+        digest: Digest::of(&data_blob),
+        size: data_blob.len() as u64,
+    };
+    let encoded = tree.encode(&table, Chunking::Fixed { size: 1 << 20 })?;
+    Ok(Image {
+        index_blob: Bytes::from(encoded.compressed),
+        index_digest: encoded.digest,
+        data_blob,
+        small_files,
+        large_file: PathBuf::from("large.bin"),
+    })
+}
+
+fn drop_page_cache() -> Result<(), Error> {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "1")?;
+    Ok(())
+}
+
+/// Reads a file sequentially with 1 MiB reads; returns (bytes, seconds).
+fn read_file(path: &Path) -> Result<(u64, f64), Error> {
+    let started = Instant::now();
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
+}
+
+fn read_files(root: &Path, files: &[PathBuf]) -> Result<f64, Error> {
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    for file in files {
+        buf.clear();
+        File::open(root.join(file))?.read_to_end(&mut buf)?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// `find` + `stat`: every entry listed and stat'ed. Returns (entries, seconds).
+fn walk(root: &Path) -> Result<(usize, f64), Error> {
+    let started = Instant::now();
+    let mut pending = vec![root.to_path_buf()];
+    let mut entries = 0;
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            entries += 1;
+            if meta.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    Ok((entries, started.elapsed().as_secs_f64()))
+}
+
+struct Report {
+    rows: Vec<String>,
+}
+
+impl Report {
+    fn throughput(&mut self, what: &str, stoker: (u64, f64), native: (u64, f64), goal: &str) {
+        let mbps = |(bytes, secs): (u64, f64)| bytes as f64 / secs / (1 << 20) as f64;
+        let (s, n) = (mbps(stoker), mbps(native));
+        self.rows.push(format!(
+            "| {what} | {s:.0} MiB/s | {n:.0} MiB/s | {:.2} | {goal} |",
+            s / n
+        ));
+    }
+
+    fn time(&mut self, what: &str, stoker: f64, native: f64, goal: &str) {
+        self.rows.push(format!(
+            "| {what} | {:.1} ms | {:.1} ms | {:.2}× | {goal} |",
+            stoker * 1e3,
+            native * 1e3,
+            stoker / native
+        ));
+    }
+
+    fn absolute(&mut self, what: &str, seconds: f64, goal: &str) {
+        self.rows
+            .push(format!("| {what} | {:.1} ms | | | {goal} |", seconds * 1e3));
+    }
+}
+
+fn mount(
+    index: &Arc<Index>,
+    fetcher: &Fetcher,
+    at: &Path,
+    options: MountOptions,
+) -> Result<MountHandle, Error> {
+    Ok(stoker_lazyfs::mount(
+        Arc::clone(index),
+        fetcher.clone(),
+        at,
+        options,
+    )?)
+}
+
+fn main() -> Result<(), Error> {
+    let args = args()?;
+    stoker_registry::install_crypto_provider();
+    let work = tempfile::Builder::new()
+        .prefix("stoker-lazyfs-bench-")
+        .tempdir_in("/var/tmp")?;
+    let native = work.path().join("native");
+    let mountpoint = work.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint)?;
+
+    eprintln!(
+        "building the image ({} small files, {} MiB large file)...",
+        args.files, args.large_mib
+    );
+    let image = build_image(&args, &native)?;
+    eprintln!(
+        "index {} KiB, data blob {} MiB",
+        image.index_blob.len() >> 10,
+        image.data_blob.len() >> 20
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let _context = runtime.enter();
+    let registry = stoker_testkit::registry::TestRegistry::start()?;
+    let client = RegistryClient::new(RegistryConfig {
+        plain_http: true,
+        docker_config: None,
+        ..RegistryConfig::default()
+    })?;
+    let repo = parse_reference(&format!("{}/bench/lazyfs", registry.host()))?;
+    runtime.block_on(client.push_blob(&repo, image.data_blob.clone()))?;
+    runtime.block_on(client.push_blob(&repo, image.index_blob.clone()))?;
+    let source: Arc<dyn BlobSource> = Arc::new(RegistrySource::new(client.clone(), repo.clone()));
+
+    {
+        let started = Instant::now();
+        for i in 0..200u64 {
+            runtime.block_on(client.read_range(
+                &repo,
+                &Digest::of(&image.data_blob),
+                i * 5000..i * 5000 + 4000,
+            ))?;
+        }
+        eprintln!(
+            "PROBE: registry read_range of 4000 bytes: {:.2} ms each",
+            started.elapsed().as_secs_f64() * 1e3 / 200.0
+        );
+    }
+    let cache_dir = work.path().join("cache");
+    let cache = ChunkCache::open(&cache_dir, 64 << 30)?;
+    let fetcher = Fetcher::new(source, cache.clone(), FetchConfig::default());
+    let no_passthrough = || MountOptions {
+        passthrough: false,
+        ..MountOptions::default()
+    };
+    let mut report = Report { rows: Vec::new() };
+
+    // 1. Index fetched, decoded and mounted; first byte of a file (cold).
+    drop_page_cache()?;
+    let first_file = &image.small_files[image.small_files.len() / 2];
+    let native_first = {
+        let started = Instant::now();
+        let mut byte = [0u8; 1];
+        File::open(native.join(first_file))?.read_exact(&mut byte)?;
+        started.elapsed().as_secs_f64()
+    };
+    let started = Instant::now();
+    let index_bytes = runtime.block_on(client.read_range(
+        &repo,
+        &image.index_digest,
+        0..image.index_blob.len() as u64,
+    ))?;
+    let index = Arc::new(Index::decode_verified(&index_bytes, &image.index_digest)?);
+    let fetched = started.elapsed().as_secs_f64();
+    let handle = mount(&index, &fetcher, &mountpoint, no_passthrough())?;
+    let mounted = started.elapsed().as_secs_f64();
+    let mut byte = [0u8; 1];
+    File::open(mountpoint.join(first_file))?.read_exact(&mut byte)?;
+    let first_byte = started.elapsed().as_secs_f64();
+    report.absolute(
+        &format!(
+            "index fetched + verified + decoded ({} files)",
+            index.inode_count()
+        ),
+        fetched,
+        "",
+    );
+    report.absolute("… and mounted", mounted, "< 200 ms for 30,000 files");
+    report.time(
+        "… and first byte of a file (cold)",
+        first_byte,
+        native_first,
+        "",
+    );
+
+    // 2. Cold sequential read, registry on loopback.
+    drop_page_cache()?;
+    let cold = read_file(&mountpoint.join(&image.large_file))?;
+    drop_page_cache()?;
+    let native_cold = read_file(&native.join(&image.large_file))?;
+    report.throughput(
+        "cold sequential read (registry on loopback)",
+        cold,
+        native_cold,
+        "",
+    );
+    let cold_small = read_files(&mountpoint, &image.small_files)?;
+    drop_page_cache()?;
+    let native_cold_small = read_files(&native, &image.small_files)?;
+    report.time(
+        "cold read of every small file",
+        cold_small,
+        native_cold_small,
+        "",
+    );
+    handle.unmount()?;
+
+    // 3. Warm reads through FUSE: every chunk cached (and hot), fresh mount.
+    let _ = read_file(&native.join(&image.large_file))?;
+    let native_hot = read_file(&native.join(&image.large_file))?;
+    let _ = read_files(&native, &image.small_files)?;
+    let native_hot_small = read_files(&native, &image.small_files)?;
+    for chunk in index.chunks() {
+        // Make sure the chunk files are in the page cache like the native files.
+        if let Some(c) = cache.get(&chunk.digest) {
+            let _ = c.read_all();
+        }
+    }
+    let handle = mount(&index, &fetcher, &mountpoint, no_passthrough())?;
+    let warm = read_file(&mountpoint.join(&image.large_file))?;
+    eprintln!("warm FUSE read: {:?}", handle.counters());
+    let warm_small = read_files(&mountpoint, &image.small_files)?;
+    report.throughput(
+        "warm sequential read through FUSE",
+        warm,
+        native_hot,
+        "≥ 0.9",
+    );
+    report.time(
+        "warm read of every small file through FUSE",
+        warm_small,
+        native_hot_small,
+        "",
+    );
+    handle.unmount()?;
+
+    // 4. Warm reads through passthrough.
+    let handle = mount(
+        &index,
+        &fetcher,
+        &mountpoint,
+        MountOptions {
+            assembly: Some(AssemblyOptions {
+                dir: cache_dir.join("files"),
+                max_bytes: 4 << 30,
+            }),
+            ..MountOptions::default()
+        },
+    )?;
+    if handle.passthrough_enabled() {
+        // The first open queues the large file's assembly; wait for it.
+        drop(File::open(mountpoint.join(&image.large_file))?);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while handle.counters().assembled_files == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let before = handle.counters();
+        let through = read_file(&mountpoint.join(&image.large_file))?;
+        let through_small = read_files(&mountpoint, &image.small_files)?;
+        let after = handle.counters();
+        eprintln!(
+            "passthrough opens: {}, FUSE reads during the passthrough runs: {}",
+            after.passthrough_opens - before.passthrough_opens,
+            after.reads - before.reads
+        );
+        report.throughput(
+            "warm sequential read through passthrough",
+            through,
+            native_hot,
+            "≥ 0.97",
+        );
+        report.time(
+            "warm read of every small file through passthrough",
+            through_small,
+            native_hot_small,
+            "",
+        );
+    } else {
+        eprintln!("the kernel does not offer FUSE passthrough: passthrough not measured");
+    }
+    handle.unmount()?;
+
+    // 5. find + stat of every entry: fresh mount (nothing cached by the kernel)
+    // against the native tree (dentries cached). Best of three.
+    let mut fuse_walk = f64::MAX;
+    let mut native_walk = f64::MAX;
+    let mut entries = 0;
+    for _ in 0..3 {
+        let handle = mount(&index, &fetcher, &mountpoint, no_passthrough())?;
+        let (n, secs) = walk(&mountpoint)?;
+        entries = n;
+        fuse_walk = fuse_walk.min(secs);
+        handle.unmount()?;
+        native_walk = native_walk.min(walk(&native)?.1);
+    }
+    report.time(
+        &format!("find + stat of {entries} entries"),
+        fuse_walk,
+        native_walk,
+        "≤ 1.5×",
+    );
+
+    let mut text =
+        String::from("| measurement | stoker | native | ratio | goal |\n|---|---|---|---|---|\n");
+    for row in &report.rows {
+        text.push_str(row);
+        text.push('\n');
+    }
+    print!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text)?;
+    }
+    Ok(())
+}
