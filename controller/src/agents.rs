@@ -201,7 +201,9 @@ impl AgentTlsFiles {
         Ok(ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&self.ca)?))
             .identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?))
-            .domain_name(self.server_name.clone()))
+            .domain_name(self.server_name.clone())
+            // Agents speak only HTTP/2; do not require ALPN to say so.
+            .assume_http2(true))
     }
 }
 
