@@ -554,7 +554,8 @@ impl Index {
                 FileKind::Dir => s.directories += 1,
                 FileKind::File => {
                     s.regular_files += 1;
-                    s.file_bytes += inode.size;
+                    // Sizes come from the image: a hostile one may add up past u64.
+                    s.file_bytes = s.file_bytes.saturating_add(inode.size);
                     s.hardlinked_files += (inode.nlink > 1) as u64;
                     s.chunk_refs += self.data_of(id, FileKind::File).map_or(0, |(_, n)| n) as u64;
                 }
@@ -569,7 +570,7 @@ impl Index {
         s.blob_bytes = (0..self.blobs.count)
             .filter_map(|i| self.blob(i))
             .map(|b| b.1)
-            .sum();
+            .fold(0u64, u64::saturating_add);
         s
     }
 
