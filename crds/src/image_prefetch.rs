@@ -21,7 +21,7 @@ pub const MAX_LEARN_FROM_STARTS: u32 = 20;
 pub const MAX_IMAGES: usize = 16;
 /// Budget for all base64 plans of one status together. With the rest of the
 /// status (bounded lists, short strings) it keeps the object under 64 KiB.
-pub const MAX_STATUS_PLAN_BYTES: usize = 48 << 10;
+pub const MAX_STATUS_PLAN_BYTES: usize = 40 << 10;
 
 /// What to prefetch for which workload, onto which nodes.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
