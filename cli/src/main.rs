@@ -2,12 +2,14 @@
 //!
 //! - `stoker convert SRC` converts an image and stores the artifact next to it;
 //! - `stoker inspect REF` and `stoker ls REF PATH` read an artifact's index;
-//! - `stoker mount REF DIR` mounts an image lazily (see the agent for containers).
+//! - `stoker mount REF DIR` mounts an image lazily (see the agent for containers);
+//! - `stoker plan TRACE…` merges startup traces into a prefetch plan.
 
 mod convert_cmd;
 mod image_args;
 mod inspect_cmd;
 mod mount_cmd;
+mod plan_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +39,8 @@ enum Command {
     Mount(mount_cmd::MountArgs),
     /// Unmount a `stoker mount`.
     Unmount(mount_cmd::UnmountArgs),
+    /// Merge startup traces of one image into a prefetch plan (and optionally attach it).
+    Plan(plan_cmd::PlanArgs),
 }
 
 #[tokio::main]
@@ -53,6 +57,7 @@ async fn main() -> std::process::ExitCode {
         Command::Ls(args) => inspect_cmd::ls(args).await,
         Command::Mount(args) => mount_cmd::mount(args).await,
         Command::Unmount(args) => mount_cmd::unmount(args),
+        Command::Plan(args) => plan_cmd::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
