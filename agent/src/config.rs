@@ -31,6 +31,37 @@ pub struct Config {
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), e.g.
     /// `0.0.0.0:9102`; no endpoint when not set.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub trace: TraceConfig,
+    pub api: ApiConfig,
+}
+
+/// Startup trace recording (traces are kept under `<state_dir>/traces`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceConfig {
+    /// Entries per trace; a trace that reaches it stops and is marked truncated
+    /// (32 bytes of memory per entry while recording).
+    pub max_entries: u64,
+    /// Startup window: recording stops this long after the mount, or earlier when
+    /// the container is reported ready.
+    pub window_secs: u64,
+    /// Finished traces kept on disk until collected; the oldest go first.
+    pub max_kept: u64,
+}
+
+/// The agent API on TCP, with mutual TLS, for the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `HOST:PORT` to listen on, e.g. `0.0.0.0:9500`; no TCP listener when not set
+    /// (the unix socket `api_socket` is always served).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Server certificate (PEM), re-read on each new connection.
+    pub tls_cert: PathBuf,
+    /// Its private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to.
+    pub tls_client_ca: PathBuf,
 }
 
 /// The on-disk chunk cache.
@@ -94,6 +125,29 @@ impl Default for Config {
             timeouts: TimeoutConfig::default(),
             prefetch: PrefetchConfig::default(),
             metrics_addr: None,
+            trace: TraceConfig::default(),
+            api: ApiConfig::default(),
+        }
+    }
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            max_entries: 1_000_000,
+            window_secs: 60,
+            max_kept: 100,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            tls_cert: PathBuf::from("/etc/stoker/tls/tls.crt"),
+            tls_key: PathBuf::from("/etc/stoker/tls/tls.key"),
+            tls_client_ca: PathBuf::from("/etc/stoker/tls/ca.crt"),
         }
     }
 }
@@ -149,6 +203,13 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "STOKER_PREFETCH_BACKGROUND_REST",
         "prefetch.background_rest (true/false)",
     ),
+    ("STOKER_TRACE_MAX_ENTRIES", "trace.max_entries"),
+    ("STOKER_TRACE_WINDOW_SECS", "trace.window_secs"),
+    ("STOKER_TRACE_MAX_KEPT", "trace.max_kept"),
+    ("STOKER_GRPC_LISTEN", "api.listen (HOST:PORT)"),
+    ("STOKER_GRPC_TLS_CERT", "api.tls_cert"),
+    ("STOKER_GRPC_TLS_KEY", "api.tls_key"),
+    ("STOKER_GRPC_TLS_CLIENT_CA", "api.tls_client_ca"),
 ];
 
 impl Config {
@@ -255,6 +316,29 @@ impl Config {
                 }
             };
         }
+        if let Some(n) = number("STOKER_TRACE_MAX_ENTRIES")? {
+            self.trace.max_entries = n;
+        }
+        if let Some(n) = number("STOKER_TRACE_WINDOW_SECS")? {
+            self.trace.window_secs = n;
+        }
+        if let Some(n) = number("STOKER_TRACE_MAX_KEPT")? {
+            self.trace.max_kept = n;
+        }
+        if let Some(v) = env("STOKER_GRPC_LISTEN").filter(|v| !v.is_empty()) {
+            self.api.listen = Some(v.trim().parse().map_err(|_| {
+                AgentError::Config(format!("STOKER_GRPC_LISTEN={v:?} is not HOST:PORT"))
+            })?);
+        }
+        if let Some(p) = path("STOKER_GRPC_TLS_CERT") {
+            self.api.tls_cert = p;
+        }
+        if let Some(p) = path("STOKER_GRPC_TLS_KEY") {
+            self.api.tls_key = p;
+        }
+        if let Some(p) = path("STOKER_GRPC_TLS_CLIENT_CA") {
+            self.api.tls_client_ca = p;
+        }
         Ok(())
     }
 
@@ -279,6 +363,15 @@ impl Config {
                 "prefetch.concurrency must be at least 1".into(),
             ));
         }
+        for (name, value) in [
+            ("trace.max_entries", self.trace.max_entries),
+            ("trace.window_secs", self.trace.window_secs),
+            ("trace.max_kept", self.trace.max_kept),
+        ] {
+            if value == 0 {
+                return Err(AgentError::Config(format!("{name} must be above 0")));
+            }
+        }
         for (name, secs) in [
             ("timeouts.connect_secs", self.timeouts.connect_secs),
             ("timeouts.request_secs", self.timeouts.request_secs),
@@ -294,6 +387,30 @@ impl Config {
     /// Where the snapshotter keeps its metadata, snapshot directories and lazy mounts.
     pub fn snapshotter_root(&self) -> PathBuf {
         self.state_dir.join("snapshotter")
+    }
+
+    /// Where startup traces are kept until collected.
+    pub fn trace_dir(&self) -> PathBuf {
+        self.state_dir.join("traces")
+    }
+
+    /// Trace recording limits.
+    pub fn trace_options(&self) -> crate::trace::TraceOptions {
+        crate::trace::TraceOptions {
+            max_entries: usize::try_from(self.trace.max_entries).unwrap_or(usize::MAX),
+            window: Duration::from_secs(self.trace.window_secs),
+            max_kept: usize::try_from(self.trace.max_kept).unwrap_or(usize::MAX),
+            ..crate::trace::TraceOptions::default()
+        }
+    }
+
+    /// The TLS files of the API's TCP listener.
+    pub fn api_tls_files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            cert: self.api.tls_cert.clone(),
+            key: self.api.tls_key.clone(),
+            client_ca: self.api.tls_client_ca.clone(),
+        }
     }
 
     /// The chunk cache directory.
@@ -370,6 +487,43 @@ mod tests {
         assert!(config.allows_plain_http("[::1]:5000"));
         assert!(config.allows_plain_http("localhost"));
         assert!(!config.allows_plain_http("registry.example:5000"));
+    }
+
+    #[test]
+    fn trace_and_api_settings() {
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.api.listen, None,
+            "no TCP listener without certificates"
+        );
+        assert_eq!(defaults.trace_options().window, Duration::from_secs(60));
+        assert_eq!(
+            defaults.trace_dir(),
+            PathBuf::from("/var/lib/stoker/traces")
+        );
+        let config = Config::load_with_env(None, |name| match name {
+            "STOKER_GRPC_LISTEN" => Some("0.0.0.0:9500".into()),
+            "STOKER_GRPC_TLS_CLIENT_CA" => Some("/tls/ca.pem".into()),
+            "STOKER_TRACE_WINDOW_SECS" => Some("30".into()),
+            _ => None,
+        })
+        .expect("loads");
+        assert_eq!(config.api.listen, Some("0.0.0.0:9500".parse().unwrap()));
+        assert_eq!(
+            config.api_tls_files().client_ca,
+            PathBuf::from("/tls/ca.pem")
+        );
+        assert_eq!(config.trace.window_secs, 30);
+        let bad = Config::load_with_env(None, |name| {
+            (name == "STOKER_GRPC_LISTEN").then(|| "everywhere".to_string())
+        })
+        .expect_err("bad address");
+        assert!(bad.to_string().contains("STOKER_GRPC_LISTEN"), "{bad}");
+        assert!(
+            Config::from_yaml("trace:\n  window_secs: 0\n")
+                .and_then(|c| c.validate())
+                .is_err()
+        );
     }
 
     #[test]

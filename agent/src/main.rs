@@ -2,19 +2,26 @@
 //!
 //! Serves containerd's snapshots API on `snapshotter_socket` (default
 //! `/run/stoker/snapshotter.sock`) with state under `state_dir` (default
-//! `/var/lib/stoker`). Runs with no arguments; `--config FILE` and `STOKER_*`
-//! environment variables change the settings (see agent/README.md).
+//! `/var/lib/stoker`), and the agent API on `api_socket` (default
+//! `/run/stoker/agent.sock`) and, when `api.listen` is set, on TCP with mutual TLS.
+//! Runs with no arguments; `--config FILE` and `STOKER_*` environment variables
+//! change the settings (see agent/README.md).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use stoker_agent::api_server::{self, AgentService};
 use stoker_agent::lazy_mount::RegistryLazyMounter;
+use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
 use stoker_agent::resolver::RegistryResolver;
 use stoker_agent::snapshotter::SnapshotterOptions;
+use stoker_agent::tls::ReloadingTls;
+use stoker_agent::trace::{Traces, TracingMounter};
 use stoker_agent::{Config, Snapshotter, server};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,16 +69,28 @@ async fn main() -> anyhow::Result<()> {
     let cache_dir = config.cache_dir();
     let cache = stoker_cache::ChunkCache::open(&cache_dir, config.cache.max_bytes)
         .with_context(|| format!("opening the chunk cache {}", cache_dir.display()))?;
-    let mounter = Arc::new(RegistryLazyMounter::new(
+    let fetch_config = stoker_fetch::FetchConfig {
+        max_prefetch_in_flight: config.prefetch.concurrency as usize,
+        ..stoker_fetch::FetchConfig::default()
+    };
+    let lazy_mounter = Arc::new(RegistryLazyMounter::new(
         registry.clone(),
-        cache,
-        stoker_fetch::FetchConfig::default(),
+        cache.clone(),
+        fetch_config.clone(),
         stoker_lazyfs::MountOptions::default(),
+    ));
+    let traces = Arc::new(
+        Traces::open(&config.trace_dir(), config.trace_options())
+            .context("opening the trace directory")?,
+    );
+    let mounter = Arc::new(TracingMounter::new(
+        Arc::clone(&lazy_mounter),
+        Arc::clone(&traces),
     ));
     let snapshotter = Snapshotter::open(
         &config.snapshotter_root(),
-        Arc::new(RegistryResolver::new(registry)),
-        mounter,
+        Arc::new(RegistryResolver::new(registry.clone())),
+        Arc::clone(&mounter) as _,
         SnapshotterOptions {
             negative_cache_ttl: config.negative_cache_ttl(),
             resolve_timeout: std::time::Duration::from_secs(config.timeouts.resolve_secs),
@@ -79,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("opening the snapshotter")?;
+    // Mounts restored above serve containers started long ago: trace new ones only.
+    mounter.start_recording();
+    let snapshotter = Arc::new(snapshotter);
     let listener = server::bind_unix_socket(&config.snapshotter_socket)
         .context("binding the snapshotter socket")?;
     tracing::info!(
@@ -87,15 +109,76 @@ async fn main() -> anyhow::Result<()> {
         "serving containerd snapshots API"
     );
 
+    // The agent API: prefetch plans warm the mounts' own fetchers when mounted.
+    let images = NodeImages::new(registry, cache, fetch_config).with_mounts(move |digest| {
+        let mounted = lazy_mounter.mounted(&digest.to_string())?;
+        Some((mounted.index, mounted.fetcher))
+    });
+    let prefetches = Prefetches::new(
+        Arc::new(images),
+        PrefetchOptions {
+            background_rest: config.prefetch.background_rest,
+            ..PrefetchOptions::default()
+        },
+    );
+    let api = AgentService::new(
+        Arc::clone(&traces),
+        prefetches,
+        Some(Arc::clone(&snapshotter)),
+    );
+    let api_listener =
+        server::bind_unix_socket(&config.api_socket).context("binding the agent API socket")?;
+    tracing::info!(socket = %config.api_socket.display(), "serving the agent API");
+    let api_tcp = match config.api.listen {
+        Some(addr) => {
+            let tls = ReloadingTls::new(config.api_tls_files())
+                .context("loading the agent API's TLS certificates")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr} for the agent API"))?;
+            tracing::info!(%addr, "serving the agent API on TCP with mutual TLS");
+            Some((listener, Arc::new(tls)))
+        }
+        None => None,
+    };
+
+    let shutdown = CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let shutdown = async move {
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
-    };
-    server::serve_snapshotter(listener, Arc::new(snapshotter), shutdown).await?;
+        on_signal.cancel();
+    });
+    let mut api_servers = vec![tokio::spawn(api_server::serve_unix(
+        api_listener,
+        api.clone(),
+        shutdown.clone().cancelled_owned(),
+    ))];
+    if let Some((listener, tls)) = api_tcp {
+        api_servers.push(tokio::spawn(api_server::serve_tcp_mtls(
+            listener,
+            tls,
+            api,
+            shutdown.clone().cancelled_owned(),
+        )));
+    }
+    let served =
+        server::serve_snapshotter(listener, snapshotter, shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    for api_server in api_servers {
+        match api_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "agent API server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "agent API server task failed"),
+        }
+    }
+    // Traces being recorded are written out instead of lost.
+    traces.finish_all().await;
+    served?;
     Ok(())
 }
 

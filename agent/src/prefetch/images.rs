@@ -6,9 +6,11 @@
 //! puts containers' reads ahead of prefetch work: the fetcher gives on-demand
 //! reads priority only over prefetches that go through it.
 //!
-//! Indexes come from mounts ([`NodeImages::add_index`]) or are loaded from the
-//! registry (artifact → index blob, verified against its digest) and kept for the
-//! next plan of the same image.
+//! A mounted image's index and fetcher come from its mount (see
+//! [`NodeImages::with_mounts`]), so a plan warms the very fetcher the container
+//! reads through. Otherwise the index is loaded from the registry (artifact →
+//! index blob, verified against its digest) and kept for the next plan of the
+//! same image, and the repository gets a fetcher of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -26,9 +28,13 @@ use crate::AgentError;
 /// they are mounted, whatever their number).
 const LOADED_INDEXES_KEPT: usize = 8;
 
+/// Finds a mounted image's index and fetcher by index digest.
+pub type MountLookup = Box<dyn Fn(&Digest) -> Option<(Arc<Index>, Fetcher)> + Send + Sync>;
+
 pub struct NodeImages {
     /// `None`: only fetchers and indexes added by hand (tests).
     client: Option<RegistryClient>,
+    mounts: Option<MountLookup>,
     cache: ChunkCache,
     fetch_config: FetchConfig,
     state: Mutex<State>,
@@ -49,6 +55,7 @@ impl NodeImages {
     pub fn new(client: RegistryClient, cache: ChunkCache, fetch_config: FetchConfig) -> Self {
         NodeImages {
             client: Some(client),
+            mounts: None,
             cache,
             fetch_config,
             state: Mutex::new(State::default()),
@@ -59,14 +66,38 @@ impl NodeImages {
     pub fn offline(cache: ChunkCache, fetch_config: FetchConfig) -> Self {
         NodeImages {
             client: None,
+            mounts: None,
             cache,
             fetch_config,
             state: Mutex::new(State::default()),
         }
     }
 
+    /// Mounted images are found with `lookup` (index and fetcher of the mount).
+    pub fn with_mounts(
+        mut self,
+        lookup: impl Fn(&Digest) -> Option<(Arc<Index>, Fetcher)> + Send + Sync + 'static,
+    ) -> Self {
+        self.mounts = Some(Box::new(lookup));
+        self
+    }
+
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
+    }
+
+    /// The index `digest` of `image_ref` and the fetcher to warm it with: the
+    /// mount's if the image is mounted, else the repository's.
+    pub async fn open(
+        &self,
+        image_ref: &str,
+        digest: &Digest,
+    ) -> Result<(Arc<Index>, Fetcher), AgentError> {
+        if let Some(mounted) = self.mounts.as_ref().and_then(|lookup| lookup(digest)) {
+            return Ok(mounted);
+        }
+        let index = self.load_index(image_ref, digest).await?;
+        Ok((index, self.fetcher_for(image_ref)?))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -114,6 +145,9 @@ impl NodeImages {
 
     /// The index `digest`, if mounted or loaded already.
     pub fn index(&self, digest: &Digest) -> Option<Arc<Index>> {
+        if let Some((index, _)) = self.mounts.as_ref().and_then(|lookup| lookup(digest)) {
+            return Some(index);
+        }
         let state = self.lock();
         state.mounted.get(digest).cloned().or_else(|| {
             state

@@ -37,11 +37,16 @@ pub use images::NodeImages;
 pub struct PrefetchOptions {
     /// Plans executed at the same time on the node.
     pub plans_at_once: usize,
+    /// Fetch the rest of every image after its plan, whatever the request says.
+    pub background_rest: bool,
 }
 
 impl Default for PrefetchOptions {
     fn default() -> Self {
-        PrefetchOptions { plans_at_once: 2 }
+        PrefetchOptions {
+            plans_at_once: 2,
+            background_rest: false,
+        }
     }
 }
 
@@ -60,6 +65,7 @@ pub struct PrefetchRequest {
 pub struct Prefetches {
     images: Arc<NodeImages>,
     slots: Arc<Semaphore>,
+    background_rest: bool,
     jobs: Mutex<HashMap<Digest, Job>>,
     next_job: AtomicU64,
 }
@@ -77,6 +83,7 @@ impl Prefetches {
         Arc::new(Prefetches {
             images,
             slots: Arc::new(Semaphore::new(options.plans_at_once.max(1))),
+            background_rest: options.background_rest,
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(0),
         })
@@ -175,7 +182,8 @@ impl Prefetches {
             Outcome::Failed(reason) => warn!(index = %digest, reason, "prefetch plan failed"),
             Outcome::Cancelled => info!(index = %digest, "prefetch plan cancelled"),
         }
-        if outcome == Outcome::Done && request.background_rest && !cancel.is_cancelled() {
+        let background_rest = request.background_rest || self.background_rest;
+        if outcome == Outcome::Done && background_rest && !cancel.is_cancelled() {
             self.run_rest(id, &request, &cancel).await;
         }
         let mut jobs = self.lock();
@@ -208,16 +216,12 @@ impl Prefetches {
                 Err(_) => return failed("the prefetch executor is shutting down".into()),
             },
         };
-        let loaded = tokio::select! {
+        let opened = tokio::select! {
             () = cancel.cancelled() => return cancelled(),
-            loaded = self.images.load_index(&request.image_ref, &request.index_digest) => loaded,
+            opened = self.images.open(&request.image_ref, &request.index_digest) => opened,
         };
-        let index = match loaded {
-            Ok(index) => index,
-            Err(e) => return failed(e.to_string()),
-        };
-        let fetcher = match self.images.fetcher_for(&request.image_ref) {
-            Ok(fetcher) => fetcher,
+        let (index, fetcher) = match opened {
+            Ok(opened) => opened,
             Err(e) => return failed(e.to_string()),
         };
         execute_plan(
@@ -233,10 +237,7 @@ impl Prefetches {
 
     async fn run_rest(&self, id: u64, request: &PrefetchRequest, cancel: &CancellationToken) {
         let digest = request.index_digest;
-        let (Some(index), Ok(fetcher)) = (
-            self.images.index(&digest),
-            self.images.fetcher_for(&request.image_ref),
-        ) else {
+        let Ok((index, fetcher)) = self.images.open(&request.image_ref, &digest).await else {
             return;
         };
         let (progress, receiver) = watch::channel(Progress::queued(digest));

@@ -13,6 +13,7 @@
 //! 1. When an image is mounted, [`Traces::record`] opens a startup window and
 //!    returns the sender to give the mount (`MountOptions::access_trace`, or
 //!    `MountHandle::start_access_trace` for a mount that exists already).
+//!    [`TracingMounter`] does this for every mount the snapshotter makes.
 //! 2. When the snapshotter learns which container the mount is for (the active
 //!    snapshot's key, which CRI sets to the container ID), it calls
 //!    [`Traces::claim_for_container`]; if no window is open for the image (a later
@@ -28,6 +29,7 @@
 //! [`TraceOptions::max_kept`] newer ones push it out, collected ones first.
 //! Dropping the recording's receiver ends the mount's tracing at its next read.
 
+mod mount_hook;
 mod recorder;
 mod store;
 
@@ -45,6 +47,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::AgentError;
+pub use mount_hook::TracingMounter;
 use recorder::Control;
 use store::TraceStore;
 
