@@ -17,7 +17,8 @@
 //!   cached is served normally and later opens pass through.
 //!
 //! Nothing is passed through while an access trace is being recorded (those
-//! reads must be seen), nor for empty files.
+//! reads must be seen; a file already open through passthrough when the trace
+//! starts stays so until it is closed), nor for empty files.
 //!
 //! ## Kernel rules this follows
 //!
@@ -396,16 +397,25 @@ impl Assembler {
         files.tick += 1;
         let tick = files.tick;
         let job = match files.entries.get_mut(&key) {
-            Some(entry) if entry.verified => {
-                let file = File::open(shared.path(&key)).ok()?;
-                entry.in_use += 1;
-                entry.last_used = tick;
-                return Some(AssembledFile {
-                    file,
-                    key,
-                    shared: Arc::clone(shared),
-                });
-            }
+            Some(entry) if entry.verified => match File::open(shared.path(&key)) {
+                Ok(file) => {
+                    entry.in_use += 1;
+                    entry.last_used = tick;
+                    return Some(AssembledFile {
+                        file,
+                        key,
+                        shared: Arc::clone(shared),
+                    });
+                }
+                Err(e) => {
+                    // Deleted behind our back: forget it; a later open assembles it again.
+                    warn!(key = %key, error = %e, "assembled file unusable; forgetting it");
+                    let len = entry.len;
+                    files.entries.remove(&key);
+                    files.bytes = files.bytes.saturating_sub(len);
+                    return None;
+                }
+            },
             Some(_) => Job {
                 key,
                 id,

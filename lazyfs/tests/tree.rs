@@ -89,6 +89,7 @@ fn every_kind_image() -> TestImage {
         meta(0o660, 0, 6),
     );
     b.add(etc, b"fifo", NodeKind::Fifo, meta(0o620, 0, 0));
+    b.add(etc, b"socket", NodeKind::Socket, meta(0o755, 0, 0));
     b.add(
         deep,
         b"\xff\xfe-not-utf8 name",
@@ -125,7 +126,7 @@ fn the_mount_shows_every_path_attribute_xattr_link_and_byte_of_the_index() {
     let root = mounted.mountpoint.path();
 
     let expected = snapshot_of_index(&image.index, &|d| image.chunk_bytes[d].clone());
-    assert_eq!(expected.len(), 19 + SMALL_FILES);
+    assert_eq!(expected.len(), 20 + SMALL_FILES);
     let seen = TreeSnapshot::capture(root).expect("walk the mount");
     expected.assert_same(&seen, 30);
 
