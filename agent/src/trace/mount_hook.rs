@@ -1,0 +1,91 @@
+//! [`TracingMounter`]: opens a startup window each time the snapshotter mounts an
+//! image for a new container start.
+//!
+//! It wraps the [`RegistryLazyMounter`] the snapshotter uses: after the inner
+//! mount, it starts a recording ([`Traces::record`]) and the mount's access trace
+//! (`MountHandle::start_access_trace`). Mounts made while the agent restores its
+//! state (before [`TracingMounter::start_recording`]) are not traced: they serve
+//! containers that started long ago. The recording ends when its window closes,
+//! on `ContainerReady` for the container that claimed it, or when the image is
+//! unmounted (the mount's sender goes away).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::future::BoxFuture;
+use stoker_format::Digest;
+use tracing::warn;
+
+use super::{TraceSubject, Traces};
+use crate::AgentError;
+use crate::lazy_mount::RegistryLazyMounter;
+use crate::snapshotter::{LazyImage, LazyMounter};
+
+pub struct TracingMounter {
+    inner: Arc<RegistryLazyMounter>,
+    traces: Arc<Traces>,
+    recording: AtomicBool,
+}
+
+impl TracingMounter {
+    /// Wraps `inner`; records nothing until [`start_recording`](Self::start_recording).
+    pub fn new(inner: Arc<RegistryLazyMounter>, traces: Arc<Traces>) -> TracingMounter {
+        TracingMounter {
+            inner,
+            traces,
+            recording: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on every new mount opens a startup window.
+    pub fn start_recording(&self) {
+        self.recording.store(true, Ordering::Release);
+    }
+
+    /// Opens a startup window on the mounted image `image`, if it is mounted.
+    fn record(&self, image: &LazyImage) -> Result<(), AgentError> {
+        let Some(mounted) = self.inner.mounted(&image.index_digest) else {
+            return Ok(());
+        };
+        let index_digest = Digest::parse(&image.index_digest).map_err(|e| AgentError::Remote {
+            image: image.image_ref.clone(),
+            message: format!("index digest: {e}"),
+        })?;
+        let started = self.traces.record(TraceSubject {
+            image_ref: image.image_ref.clone(),
+            index_digest,
+            index: mounted.index,
+            container_id: String::new(),
+        })?;
+        mounted.handle.start_access_trace(started.events);
+        Ok(())
+    }
+}
+
+impl LazyMounter for TracingMounter {
+    fn mount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        Box::pin(async move {
+            self.inner.mount(image, mountpoint).await?;
+            if self.recording.load(Ordering::Acquire) {
+                // A trace is an optimisation: failing to record never fails the mount.
+                if let Err(e) = self.record(image) {
+                    warn!(image = %image.image_ref, error = %e, "cannot record a startup trace");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn unmount<'a>(
+        &'a self,
+        image: &'a LazyImage,
+        mountpoint: &'a Path,
+    ) -> BoxFuture<'a, Result<(), AgentError>> {
+        self.inner.unmount(image, mountpoint)
+    }
+}
