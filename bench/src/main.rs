@@ -4,6 +4,7 @@
 
 mod convert_bench;
 mod demo;
+mod fuse_bench;
 mod images;
 mod report;
 
@@ -11,7 +12,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Sections to run (comma-separated): convert, demo.
+    /// Sections to run (comma-separated): convert, demo, fuse.
     #[arg(long, default_value = "convert", value_delimiter = ',')]
     sections: Vec<String>,
     /// Smaller inputs for a quick run (not for BENCHMARKS.md).
@@ -25,6 +26,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    stoker_registry::install_crypto_provider();
     let size = if args.quick {
         images::MlImageSize::QUICK
     } else {
@@ -35,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         let section = match name.as_str() {
             "convert" => convert_bench::run(size).await?,
             "demo" => demo::run(size).await?,
+            "fuse" => fuse_bench::run(args.quick).await?,
             other => anyhow::bail!("unknown section {other:?}"),
         };
         println!("{}", section.markdown());

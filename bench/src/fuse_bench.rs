@@ -1,12 +1,8 @@
-//! The lazy filesystem benchmark (issue 3): one run, every number a ratio against
+//! Section `fuse`: the lazy filesystem (issue 3), every number a ratio against
 //! the same files read from a local extracted directory.
 //!
-//! ```text
-//! sudo cargo run --release -p stoker-lazyfs --example bench -- [--files N] [--large-mib M] [--rounds R] [--out FILE]
-//! ```
-//!
-//! Builds an image of N small files (default 30,000, 0.5–8 KiB, in directories of
-//! 100) and one large file (default 512 MiB, 1 MiB chunks), writes it extracted to
+//! Builds an image of N small files (30,000, or 3,000 with `--quick`; 0.5–8 KiB, in
+//! directories of 100) and one large file (512 MiB, or 64 MiB; 1 MiB chunks), writes it extracted to
 //! a local directory, pushes its index and data blob to a real `docker-registry`
 //! on loopback, and measures:
 //!
@@ -17,7 +13,7 @@
 //!   passthrough, of the large file and of every small file;
 //! - `find` + `stat` of every entry on a fresh mount.
 //!
-//! Each number is the best of `--rounds` (default 3) runs, each on a fresh mount
+//! Each number is the best of 3 runs (1 with `--quick`), each on a fresh mount
 //! (and, for the cold ones, a fresh cache): the machine is shared and noisy.
 //!
 //! Needs root (mounts, `/proc/sys/vm/drop_caches`) and `docker-registry`.
@@ -39,34 +35,32 @@ use stoker_format::{
 use stoker_lazyfs::{AssemblyOptions, MountHandle, MountOptions};
 use stoker_registry::{RegistryClient, RegistryConfig, parse_reference};
 
-type Error = Box<dyn std::error::Error>;
+use crate::report::Section;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
 struct Args {
     files: usize,
     large_mib: usize,
     rounds: usize,
-    out: Option<PathBuf>,
 }
 
-fn args() -> Result<Args, Error> {
-    let mut args = Args {
-        files: 30_000,
-        large_mib: 512,
-        rounds: 3,
-        out: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--files" => args.files = value.parse()?,
-            "--large-mib" => args.large_mib = value.parse()?,
-            "--rounds" => args.rounds = value.parse()?,
-            "--out" => args.out = Some(value.into()),
-            other => return Err(format!("unknown flag {other}").into()),
+impl Args {
+    fn new(quick: bool) -> Args {
+        if quick {
+            Args {
+                files: 3_000,
+                large_mib: 64,
+                rounds: 1,
+            }
+        } else {
+            Args {
+                files: 30_000,
+                large_mib: 512,
+                rounds: 3,
+            }
         }
     }
-    Ok(args)
 }
 
 /// Deterministic, incompressible bytes.
@@ -198,8 +192,10 @@ fn build_image(args: &Args, native: &Path) -> Result<Image, Error> {
 }
 
 fn drop_page_cache() -> Result<(), Error> {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
+    let synced = std::process::Command::new("sync").status()?;
+    if !synced.success() {
+        return Err(format!("sync failed: {synced}").into());
+    }
     std::fs::write("/proc/sys/vm/drop_caches", "1")?;
     Ok(())
 }
@@ -249,31 +245,40 @@ fn walk(root: &Path) -> Result<(usize, f64), Error> {
 }
 
 struct Report {
-    rows: Vec<String>,
+    section: Section,
 }
 
 impl Report {
     fn throughput(&mut self, what: &str, stoker: (u64, f64), native: (u64, f64), goal: &str) {
         let mbps = |(bytes, secs): (u64, f64)| bytes as f64 / secs / (1 << 20) as f64;
         let (s, n) = (mbps(stoker), mbps(native));
-        self.rows.push(format!(
-            "| {what} | {s:.0} MiB/s | {n:.0} MiB/s | {:.2} | {goal} |",
-            s / n
-        ));
+        self.section.row(vec![
+            what.into(),
+            format!("{s:.0} MiB/s"),
+            format!("{n:.0} MiB/s"),
+            format!("{:.2}", s / n),
+            goal.into(),
+        ]);
     }
 
     fn time(&mut self, what: &str, stoker: f64, native: f64, goal: &str) {
-        self.rows.push(format!(
-            "| {what} | {:.1} ms | {:.1} ms | {:.2}× | {goal} |",
-            stoker * 1e3,
-            native * 1e3,
-            stoker / native
-        ));
+        self.section.row(vec![
+            what.into(),
+            format!("{:.1} ms", stoker * 1e3),
+            format!("{:.1} ms", native * 1e3),
+            format!("{:.2}×", stoker / native),
+            goal.into(),
+        ]);
     }
 
     fn absolute(&mut self, what: &str, seconds: f64, goal: &str) {
-        self.rows
-            .push(format!("| {what} | {:.1} ms | | | {goal} |", seconds * 1e3));
+        self.section.row(vec![
+            what.into(),
+            format!("{:.1} ms", seconds * 1e3),
+            String::new(),
+            String::new(),
+            goal.into(),
+        ]);
     }
 }
 
@@ -291,9 +296,15 @@ fn mount(
     )?)
 }
 
-fn main() -> Result<(), Error> {
-    let args = args()?;
-    stoker_registry::install_crypto_provider();
+/// Runs the section on a blocking thread (it mounts, reads files and drives its own
+/// runtime for the registry and the fetcher).
+pub async fn run(quick: bool) -> anyhow::Result<Section> {
+    tokio::task::spawn_blocking(move || measure(&Args::new(quick)))
+        .await?
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn measure(args: &Args) -> Result<Section, Error> {
     let work = tempfile::Builder::new()
         .prefix("stoker-lazyfs-bench-")
         .tempdir_in("/var/tmp")?;
@@ -305,7 +316,7 @@ fn main() -> Result<(), Error> {
         "building the image ({} small files, {} MiB large file)...",
         args.files, args.large_mib
     );
-    let image = build_image(&args, &native)?;
+    let image = build_image(args, &native)?;
     eprintln!(
         "index {} KiB, data blob {} MiB",
         image.index_blob.len() >> 10,
@@ -327,7 +338,19 @@ fn main() -> Result<(), Error> {
     runtime.block_on(client.push_blob(&repo, image.index_blob.clone()))?;
     let data_digest = Digest::of(&image.data_blob);
     let source: Arc<dyn BlobSource> = Arc::new(RegistrySource::new(client.clone(), repo.clone()));
-    let mut report = Report { rows: Vec::new() };
+    let mut report = Report {
+        section: Section::new(
+            "Lazy filesystem (FUSE)",
+            &format!(
+                "Best of {} rounds, each on a fresh mount (cold rows: a fresh chunk cache and \
+                 dropped page caches). An image of {} small files (0.5–8 KiB) and one {} MiB \
+                 file in 1 MiB chunks, served by Debian's docker-registry on loopback; \
+                 \"native\" is the same tree extracted on the local disk.",
+                args.rounds, args.files, args.large_mib
+            ),
+            &["measurement", "stoker", "native", "ratio", "goal"],
+        ),
+    };
 
     // 0. What one registry round trip costs here, for reading the cold numbers.
     let probes = 100u64;
@@ -520,18 +543,5 @@ fn main() -> Result<(), Error> {
         "≤ 1.5×",
     );
 
-    let mut text = format!(
-        "Best of {rounds} rounds; {} small files, {} MiB large file, 1 MiB chunks.\n\n\
-         | measurement | stoker | native | ratio | goal |\n|---|---|---|---|---|\n",
-        args.files, args.large_mib
-    );
-    for row in &report.rows {
-        text.push_str(row);
-        text.push('\n');
-    }
-    print!("{text}");
-    if let Some(out) = &args.out {
-        std::fs::write(out, &text)?;
-    }
-    Ok(())
+    Ok(report.section)
 }
