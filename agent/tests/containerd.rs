@@ -10,58 +10,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{
-    AgentProcess, BindMounter, DEADLINE, FakeResolver, InProcessAgent, POLL,
-    containerd_tests_can_run, host_shell_entries, mounts_under, runtime,
+    AgentProcess, BindMounter, DEADLINE, EXPECTED, FakeResolver, InProcessAgent, POLL, READ_LAYERS,
+    containerd_tests_can_run, layer_gets, mounts_under, push, runtime, three_layer_image,
 };
 use stoker_agent::snapshotter::StokerArtifact;
 use stoker_testkit::containerd::{CRI_NAMESPACE, TestContainerd};
-use stoker_testkit::image::{Entry, ImageBuilder, WrittenImage, push_layout};
+use stoker_testkit::image::WrittenImage;
 use stoker_testkit::registry::TestRegistry;
 use stoker_testkit::wait_until;
-
-const READ_LAYERS: &str = "cat /data/one /data/two /data/three; \
-                           if [ -e /data/gone ]; then echo gone-still-there; fi";
-const EXPECTED: &str = "layer one\nlayer two\nlayer three\n";
-
-/// A runnable three-layer image: a shell from the host in layer 1, one data file per
-/// layer, and a whiteout in layer 3 of a file from layer 1.
-fn three_layer_image(tag_text: &str) -> ImageBuilder {
-    let mut first = host_shell_entries();
-    first.push(Entry::dir("data"));
-    first.push(Entry::file("data/one", "layer one\n"));
-    first.push(Entry::file("data/gone", "deleted by layer three\n"));
-    first.push(Entry::file("data/tag", tag_text.as_bytes().to_vec()));
-    first.push(Entry::fifo("data/fifo"));
-    ImageBuilder::new()
-        .layer(first)
-        .layer(vec![
-            Entry::dir("data"),
-            Entry::file("data/two", "layer two\n"),
-        ])
-        .layer(vec![
-            Entry::dir("data"),
-            Entry::file("data/three", "layer three\n"),
-            Entry::whiteout("data/gone"),
-        ])
-}
-
-/// Builds `image` in a layout under `dir` and pushes it to `registry` as `repo:v1`.
-fn push(
-    registry: &TestRegistry,
-    dir: &Path,
-    image: &ImageBuilder,
-    repo: &str,
-) -> (String, WrittenImage) {
-    let layout = dir.join(format!("layout-{}", repo.replace('/', "-")));
-    let written = image.write_layout(&layout, "v1").expect("write layout");
-    push_layout(&layout, "v1", &registry.host(), &format!("{repo}:v1")).expect("push");
-    (format!("{}/{repo}:v1", registry.host()), written)
-}
 
 /// Waits until the registry logged a GET of each of `image`'s layer blobs (log lines
 /// may trail the responses) and returns how many there were.
@@ -76,16 +36,7 @@ fn count_layer_gets(
     requests: &[stoker_testkit::registry::LoggedRequest],
     image: &WrittenImage,
 ) -> usize {
-    requests
-        .iter()
-        .filter(|r| {
-            r.is_blob_get()
-                && image
-                    .layers
-                    .iter()
-                    .any(|l| r.path.ends_with(&l.blob.digest))
-        })
-        .count()
+    layer_gets(requests, image).len()
 }
 
 /// Keys of the snapshots the agent holds (all namespaces), via containerd's view.

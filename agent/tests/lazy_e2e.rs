@@ -7,64 +7,13 @@ mod common;
 
 use std::path::Path;
 
-use common::{AgentProcess, DEADLINE, POLL, containerd_tests_can_run, host_shell_entries, runtime};
+use common::{
+    AgentProcess, DEADLINE, EXPECTED, POLL, READ_LAYERS, containerd_tests_can_run, layer_gets,
+    push, runtime, three_layer_image,
+};
 use stoker_testkit::containerd::{CRI_NAMESPACE, TestContainerd};
-use stoker_testkit::image::{Entry, ImageBuilder, WrittenImage, push_layout};
-use stoker_testkit::registry::{LoggedRequest, TestRegistry};
+use stoker_testkit::registry::TestRegistry;
 use stoker_testkit::wait_until;
-
-const READ_LAYERS: &str = "cat /data/one /data/two /data/three; \
-                           if [ -e /data/gone ]; then echo gone-still-there; fi";
-const EXPECTED: &str = "layer one\nlayer two\nlayer three\n";
-
-/// A runnable three-layer image: a shell from the host in layer 1, one data file per
-/// layer, a whiteout in layer 3 of a file from layer 1, and a FIFO to block on.
-fn three_layer_image(tag_text: &str) -> ImageBuilder {
-    let mut first = host_shell_entries();
-    first.push(Entry::dir("data"));
-    first.push(Entry::file("data/one", "layer one\n"));
-    first.push(Entry::file("data/gone", "deleted by layer three\n"));
-    first.push(Entry::file("data/tag", tag_text.as_bytes().to_vec()));
-    first.push(Entry::fifo("data/fifo"));
-    ImageBuilder::new()
-        .layer(first)
-        .layer(vec![
-            Entry::dir("data"),
-            Entry::file("data/two", "layer two\n"),
-        ])
-        .layer(vec![
-            Entry::dir("data"),
-            Entry::file("data/three", "layer three\n"),
-            Entry::whiteout("data/gone"),
-        ])
-}
-
-/// Builds `image` under `dir` and pushes it to `registry` as `repo:v1` with skopeo.
-fn push(
-    registry: &TestRegistry,
-    dir: &Path,
-    image: &ImageBuilder,
-    repo: &str,
-) -> (String, WrittenImage) {
-    let layout = dir.join(format!("layout-{}", repo.replace('/', "-")));
-    let written = image.write_layout(&layout, "v1").expect("write layout");
-    push_layout(&layout, "v1", &registry.host(), &format!("{repo}:v1")).expect("push");
-    (format!("{}/{repo}:v1", registry.host()), written)
-}
-
-fn layer_gets(requests: &[LoggedRequest], image: &WrittenImage) -> Vec<String> {
-    requests
-        .iter()
-        .filter(|r| {
-            r.is_blob_get()
-                && image
-                    .layers
-                    .iter()
-                    .any(|l| r.path.ends_with(&l.blob.digest))
-        })
-        .map(|r| r.path.clone())
-        .collect()
-}
 
 /// Mount points of type `fuse.stoker` at or below `dir`, from /proc/self/mountinfo.
 fn lazy_mounts_under(dir: &Path) -> Vec<String> {

@@ -18,7 +18,8 @@ use stoker_agent::snapshotter::{
     SnapshotterOptions, StokerArtifact,
 };
 use stoker_api::snapshots::snapshots_client::SnapshotsClient;
-use stoker_testkit::image::Entry;
+use stoker_testkit::image::{Entry, ImageBuilder, WrittenImage, push_layout};
+use stoker_testkit::registry::{LoggedRequest, TestRegistry};
 use stoker_testkit::wait_until;
 
 pub const POLL: Duration = Duration::from_millis(20);
@@ -353,4 +354,62 @@ impl Drop for UnmountOnDrop {
             let _ = Command::new("umount").arg("-l").arg(&mountpoint).status();
         }
     }
+}
+
+/// A command that reads a file from each layer of [`three_layer_image`] and shows
+/// whether layer 3's whiteout hid `data/gone`.
+pub const READ_LAYERS: &str = "cat /data/one /data/two /data/three; \
+                           if [ -e /data/gone ]; then echo gone-still-there; fi";
+/// What [`READ_LAYERS`] prints when the layers are merged right.
+pub const EXPECTED: &str = "layer one\nlayer two\nlayer three\n";
+
+/// A runnable three-layer image: a shell from the host in layer 1, one data file per
+/// layer, a whiteout in layer 3 of a file from layer 1, and a FIFO to block on.
+pub fn three_layer_image(tag_text: &str) -> ImageBuilder {
+    let mut first = host_shell_entries();
+    first.push(Entry::dir("data"));
+    first.push(Entry::file("data/one", "layer one\n"));
+    first.push(Entry::file("data/gone", "deleted by layer three\n"));
+    first.push(Entry::file("data/tag", tag_text.as_bytes().to_vec()));
+    first.push(Entry::fifo("data/fifo"));
+    ImageBuilder::new()
+        .layer(first)
+        .layer(vec![
+            Entry::dir("data"),
+            Entry::file("data/two", "layer two\n"),
+        ])
+        .layer(vec![
+            Entry::dir("data"),
+            Entry::file("data/three", "layer three\n"),
+            Entry::whiteout("data/gone"),
+        ])
+}
+
+/// Builds `image` in a layout under `dir` and pushes it to `registry` as `repo:v1`
+/// with skopeo; returns the reference and what was written.
+pub fn push(
+    registry: &TestRegistry,
+    dir: &Path,
+    image: &ImageBuilder,
+    repo: &str,
+) -> (String, WrittenImage) {
+    let layout = dir.join(format!("layout-{}", repo.replace('/', "-")));
+    let written = image.write_layout(&layout, "v1").expect("write layout");
+    push_layout(&layout, "v1", &registry.host(), &format!("{repo}:v1")).expect("push");
+    (format!("{}/{repo}:v1", registry.host()), written)
+}
+
+/// The logged GETs of `image`'s layer blobs.
+pub fn layer_gets(requests: &[LoggedRequest], image: &WrittenImage) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| {
+            r.is_blob_get()
+                && image
+                    .layers
+                    .iter()
+                    .any(|l| r.path.ends_with(&l.blob.digest))
+        })
+        .map(|r| r.path.clone())
+        .collect()
 }
