@@ -105,8 +105,11 @@ images:
 e2e:
 	@bash e2e/run.sh
 
-e2e-local:
-	@echo "e2e-local: not written yet (two stoker-agents and the controller's plan path, no Kubernetes)"
+# Two containerd + stoker-agent "nodes", a registry and the controller's plan path over
+# mutual TLS, no Kubernetes (e2e/tests/local.rs; also part of `make test`).
+e2e-local: deps
+	$(CARGO) build -p stoker-agent --bin stoker-agent
+	$(CARGO) test -p stoker-e2e --test local
 
 # Renders and checks manifests/ without a cluster (also part of `make test`).
 manifests-check:

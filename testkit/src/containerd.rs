@@ -577,6 +577,243 @@ fn tail(path: &Path, max_bytes: u64) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+impl TestContainerd {
+    /// Builds a `ctr` command like [`TestContainerd::ctr_output`], for callers that read
+    /// its output as it comes (e.g. the time to a container's first output line).
+    pub fn ctr_command(&self, namespace: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("ctr");
+        command
+            .arg("--address")
+            .arg(self.socket())
+            .arg("--namespace")
+            .arg(namespace)
+            .args(args)
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+/// Image entries that let a container run the given host binaries (e.g. `/bin/sh`,
+/// `/bin/cat`): each binary and the shared libraries `ldd` lists for it, at the same
+/// paths as on the host, with their parent directories.
+pub fn host_binary_entries(binaries: &[&str]) -> Result<Vec<crate::image::Entry>, TestkitError> {
+    use crate::image::Entry;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for binary in binaries {
+        let binary = PathBuf::from(binary);
+        if !files.contains(&binary) {
+            files.push(binary.clone());
+        }
+        let output = Command::new("ldd")
+            .arg(&binary)
+            .output()
+            .map_err(|e| TestkitError::io(format!("running ldd {}", binary.display()), e))?;
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let library = line
+                .split("=>")
+                .last()
+                .and_then(|rest| rest.split_whitespace().next())
+                .filter(|p| p.starts_with('/'))
+                .map(PathBuf::from);
+            if let Some(library) = library
+                && !files.contains(&library)
+            {
+                files.push(library);
+            }
+        }
+    }
+    let mut entries = Vec::new();
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for host in files {
+        let inside = host.strip_prefix("/").unwrap_or(&host).to_path_buf();
+        for dir in inside
+            .ancestors()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            if !dir.as_os_str().is_empty() && !dirs.iter().any(|d| d == dir) {
+                dirs.push(dir.to_path_buf());
+                entries.push(Entry::dir(dir.to_string_lossy().as_bytes()));
+            }
+        }
+        // Symlinks (e.g. /bin -> usr/bin, libc.so.6 -> libc-2.x.so) are followed.
+        let bytes = std::fs::read(&host)
+            .map_err(|e| TestkitError::io(format!("reading {}", host.display()), e))?;
+        entries.push(Entry::file(inside.to_string_lossy().as_bytes(), bytes).mode(0o755));
+    }
+    Ok(entries)
+}
+
+/// Finds a binary of this workspace that cargo built: next to the running executable
+/// (a binary in `target/<profile>/`) or one directory up (a test in
+/// `target/<profile>/deps/`). `package` names the crate to build when it is missing.
+pub fn workspace_binary(name: &str, package: &str) -> Result<PathBuf, TestkitError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| TestkitError::io("finding the running executable", e))?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| TestkitError::ToolMissing {
+            tool: name.into(),
+            hint: format!(
+                "build it next to {} with `cargo build -p {package}` (same profile)",
+                exe.display()
+            ),
+        })
+}
+
+/// A `stoker-agent` process standing in for a node's agent: its state, chunk cache,
+/// traces and sockets all live under one directory, its settings come from `STOKER_*`
+/// variables, and its log goes to `<state_dir>/agent.log`.
+///
+/// Dropping it stops the agent (SIGTERM, then SIGKILL after 10 s) and lazily unmounts
+/// whatever is still mounted under its state directory.
+#[derive(Debug)]
+pub struct AgentProcess {
+    binary: PathBuf,
+    state_dir: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    /// Starts `binary` with state in `state_dir` (created if needed), the snapshotter on
+    /// [`snapshotter_socket`](Self::snapshotter_socket), the agent API on
+    /// [`api_socket`](Self::api_socket), and `env` as further `STOKER_*` settings.
+    /// Returns once the snapshotter socket accepts connections.
+    pub fn start(
+        binary: &Path,
+        state_dir: &Path,
+        env: &[(&str, String)],
+    ) -> Result<AgentProcess, TestkitError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| TestkitError::io(format!("creating {}", state_dir.display()), e))?;
+        let mut agent = AgentProcess {
+            binary: binary.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.clone()))
+                .collect(),
+            child: None,
+        };
+        agent.spawn_and_wait()?;
+        Ok(agent)
+    }
+
+    /// The socket containerd's proxy plugin connects to.
+    pub fn snapshotter_socket(&self) -> PathBuf {
+        self.state_dir.join("snapshotter.sock")
+    }
+
+    /// The agent API's unix socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.state_dir.join("agent.sock")
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The agent's chunk cache directory (the default, `<state_dir>/cache`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.state_dir.join("agent.log")
+    }
+
+    /// The last `max_bytes` of the agent's log.
+    pub fn log_tail(&self, max_bytes: u64) -> String {
+        tail(&self.log_path(), max_bytes)
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), TestkitError> {
+        let log = open_append(&self.log_path())?;
+        let log_for_stderr = log
+            .try_clone()
+            .map_err(|e| TestkitError::io("duplicating the agent log handle", e))?;
+        let child = Command::new(&self.binary)
+            .env("STOKER_STATE_DIR", &self.state_dir)
+            .env("STOKER_SNAPSHOTTER_SOCKET", self.snapshotter_socket())
+            .env("STOKER_API_SOCKET", self.api_socket())
+            .env("STOKER_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_for_stderr)
+            .spawn()
+            .map_err(|e| TestkitError::io(format!("starting {}", self.binary.display()), e))?;
+        self.child = Some(child);
+        let socket = self.snapshotter_socket();
+        let mut exited = None;
+        let ready = wait_until(START_TIMEOUT, POLL_INTERVAL, || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                exited = Some(status);
+                return true;
+            }
+            StdUnixStream::connect(&socket).is_ok()
+        });
+        if let Some(status) = exited {
+            self.child = None;
+            return Err(TestkitError::ToolFailed {
+                command: self.binary.display().to_string(),
+                status: status.to_string(),
+                stderr: self.log_tail(4000),
+            });
+        }
+        if !ready {
+            self.stop();
+            return Err(TestkitError::Timeout {
+                what: format!("stoker-agent to listen on {}", socket.display()),
+                waited: START_TIMEOUT,
+            });
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (the agent writes out open traces and stops serving), SIGKILL if it is
+    /// still running after 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let exited = wait_until(Duration::from_secs(10), POLL_INTERVAL, || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let mut mountpoints = mountpoints_under(&self.state_dir.to_string_lossy());
+        mountpoints.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mountpoint in mountpoints {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&mountpoint)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
