@@ -33,6 +33,14 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub trace: TraceConfig,
     pub api: ApiConfig,
+    /// The Node this agent runs on (the DaemonSet sets `STOKER_NODE_NAME` from
+    /// `spec.nodeName`). With it and a Kubernetes API client, the agent runs the
+    /// warm gate on that Node; without it, the gate is off.
+    pub node_name: Option<String>,
+    /// How long a node carrying the startup taint waits for the controller's
+    /// warm target before the agent lifts the taint anyway, in seconds. The
+    /// target carries its own timeout once written.
+    pub warm_gate_timeout_secs: u64,
 }
 
 /// Startup trace recording (traces are kept under `<state_dir>/traces`).
@@ -127,6 +135,8 @@ impl Default for Config {
             metrics_addr: None,
             trace: TraceConfig::default(),
             api: ApiConfig::default(),
+            node_name: None,
+            warm_gate_timeout_secs: 600,
         }
     }
 }
@@ -181,8 +191,14 @@ impl Default for PrefetchConfig {
     }
 }
 
-/// The environment variables that override settings, with what they set.
+/// Every environment variable the agent reads, with what it sets. All but the
+/// first two override settings of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("STOKER_CONFIG", "the configuration file (--config)"),
+    (
+        "STOKER_LOG",
+        "the log filter (tracing EnvFilter syntax, default info)",
+    ),
     ("STOKER_SNAPSHOTTER_SOCKET", "snapshotter_socket"),
     ("STOKER_API_SOCKET", "api_socket"),
     ("STOKER_STATE_DIR", "state_dir"),
@@ -198,7 +214,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("STOKER_RESOLVE_TIMEOUT_SECS", "timeouts.resolve_secs"),
     ("STOKER_NEGATIVE_CACHE_SECS", "timeouts.negative_cache_secs"),
     ("STOKER_PREFETCH_CONCURRENCY", "prefetch.concurrency"),
-    ("STOKER_METRICS_ADDR", "metrics_addr (HOST:PORT)"),
+    ("STOKER_METRICS_LISTEN", "metrics_addr (HOST:PORT)"),
+    (
+        "STOKER_METRICS_ADDR",
+        "metrics_addr (HOST:PORT; older name of STOKER_METRICS_LISTEN)",
+    ),
     (
         "STOKER_PREFETCH_BACKGROUND_REST",
         "prefetch.background_rest (true/false)",
@@ -210,6 +230,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("STOKER_GRPC_TLS_CERT", "api.tls_cert"),
     ("STOKER_GRPC_TLS_KEY", "api.tls_key"),
     ("STOKER_GRPC_TLS_CLIENT_CA", "api.tls_client_ca"),
+    ("STOKER_NODE_NAME", "node_name"),
+    ("STOKER_WARM_GATE_TIMEOUT_SECS", "warm_gate_timeout_secs"),
 ];
 
 impl Config {
@@ -300,10 +322,27 @@ impl Config {
                 AgentError::Config(format!("STOKER_PREFETCH_CONCURRENCY={n} is too large"))
             })?;
         }
-        if let Some(v) = env("STOKER_METRICS_ADDR").filter(|v| !v.is_empty()) {
-            self.metrics_addr = Some(v.trim().parse().map_err(|_| {
-                AgentError::Config(format!("STOKER_METRICS_ADDR={v:?} is not HOST:PORT"))
-            })?);
+        let metrics = |name: &str| -> Result<Option<std::net::SocketAddr>, AgentError> {
+            env(name)
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .map_err(|_| AgentError::Config(format!("{name}={v:?} is not HOST:PORT")))
+                })
+                .transpose()
+        };
+        match (
+            metrics("STOKER_METRICS_LISTEN")?,
+            metrics("STOKER_METRICS_ADDR")?,
+        ) {
+            (Some(listen), Some(addr)) if listen != addr => {
+                return Err(AgentError::Config(format!(
+                    "STOKER_METRICS_LISTEN={listen} and STOKER_METRICS_ADDR={addr} disagree; set one"
+                )));
+            }
+            (Some(addr), _) | (None, Some(addr)) => self.metrics_addr = Some(addr),
+            (None, None) => {}
         }
         if let Some(v) = env("STOKER_PREFETCH_BACKGROUND_REST").filter(|v| !v.is_empty()) {
             self.prefetch.background_rest = match v.trim() {
@@ -338,6 +377,12 @@ impl Config {
         }
         if let Some(p) = path("STOKER_GRPC_TLS_CLIENT_CA") {
             self.api.tls_client_ca = p;
+        }
+        if let Some(name) = env("STOKER_NODE_NAME").filter(|v| !v.trim().is_empty()) {
+            self.node_name = Some(name.trim().to_string());
+        }
+        if let Some(n) = number("STOKER_WARM_GATE_TIMEOUT_SECS")? {
+            self.warm_gate_timeout_secs = n;
         }
         Ok(())
     }
@@ -410,6 +455,14 @@ impl Config {
             cert: self.api.tls_cert.clone(),
             key: self.api.tls_key.clone(),
             client_ca: self.api.tls_client_ca.clone(),
+        }
+    }
+
+    /// Settings of the warm gate on this node.
+    pub fn gate_options(&self) -> crate::node_gate::GateOptions {
+        crate::node_gate::GateOptions {
+            default_timeout: Duration::from_secs(self.warm_gate_timeout_secs),
+            ..crate::node_gate::GateOptions::default()
         }
     }
 
@@ -523,6 +576,99 @@ mod tests {
             Config::from_yaml("trace:\n  window_secs: 0\n")
                 .and_then(|c| c.validate())
                 .is_err()
+        );
+    }
+
+    /// The DaemonSet's container environment: every `name:` under `env:`.
+    fn daemonset_env_names(yaml: &str) -> Vec<String> {
+        let manifest: serde_yaml::Value = serde_yaml::from_str(yaml).expect("DaemonSet YAML");
+        let containers = manifest["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .expect("containers");
+        let agent = containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some("agent"))
+            .expect("the agent container");
+        agent["env"]
+            .as_sequence()
+            .expect("env")
+            .iter()
+            .map(|v| v["name"].as_str().expect("env name").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_daemonset_variable_is_read_by_the_agent() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/base/agent/daemonset.yaml");
+        let yaml = std::fs::read_to_string(&path).expect("manifests/base/agent/daemonset.yaml");
+        let names = daemonset_env_names(&yaml);
+        assert!(names.iter().any(|n| n == "STOKER_NODE_NAME"), "{names:?}");
+        let known: Vec<&str> = ENV_OVERRIDES.iter().map(|(name, _)| *name).collect();
+        for name in &names {
+            assert!(
+                known.contains(&name.as_str()),
+                "the DaemonSet sets {name}, which the agent does not read (ENV_OVERRIDES)"
+            );
+        }
+        // And the values the DaemonSet gives are accepted and land where meant.
+        let manifest: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("yaml");
+        let env: BTreeMap<String, String> =
+            manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_sequence()
+                .expect("env")
+                .iter()
+                .filter_map(|v| Some((v["name"].as_str()?.into(), v["value"].as_str()?.into())))
+                .collect();
+        let config = Config::load_with_env(None, |name| {
+            env.get(name).cloned().or_else(|| {
+                // spec.nodeName, filled in by the kubelet.
+                (name == "STOKER_NODE_NAME").then(|| "gpu-node-1".to_string())
+            })
+        })
+        .expect("the DaemonSet's environment loads");
+        assert_eq!(config.node_name.as_deref(), Some("gpu-node-1"));
+        assert_eq!(config.metrics_addr, Some("0.0.0.0:9501".parse().unwrap()));
+        assert_eq!(config.api.listen, Some("0.0.0.0:7443".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_listed_variable_is_applied() {
+        // Each variable in ENV_OVERRIDES (but the two the binary reads) changes
+        // the effective configuration.
+        let value = |name: &str| -> String {
+            match name {
+                "STOKER_INSECURE_REGISTRIES" => "reg.example:5000".into(),
+                "STOKER_PREFETCH_BACKGROUND_REST" => "true".into(),
+                "STOKER_NODE_NAME" => "n1".into(),
+                n if n.contains("LISTEN") || n.contains("METRICS") => "127.0.0.1:1".into(),
+                n if n.ends_with("_SECS")
+                    || n.ends_with("BYTES")
+                    || n.ends_with("CONCURRENCY")
+                    || n.ends_with("ENTRIES")
+                    || n.ends_with("KEPT") =>
+                {
+                    "3".into()
+                }
+                _ => "/elsewhere/x".into(),
+            }
+        };
+        let defaults = Config::default();
+        for (name, _) in &ENV_OVERRIDES[2..] {
+            let config = Config::load_with_env(None, |n| (n == *name).then(|| value(n)))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_ne!(config, defaults, "{name} changes nothing");
+        }
+        let both = Config::load_with_env(None, |n| match n {
+            "STOKER_METRICS_LISTEN" => Some("0.0.0.0:1".into()),
+            "STOKER_METRICS_ADDR" => Some("0.0.0.0:2".into()),
+            _ => None,
+        })
+        .expect_err("two addresses");
+        assert!(both.to_string().contains("disagree"), "{both}");
+        assert_eq!(
+            defaults.gate_options().default_timeout,
+            Duration::from_secs(600)
         );
     }
 

@@ -19,17 +19,21 @@
 //! - [`trace`]: startup traces recorded from the lazy mounts' first chunk accesses;
 //! - [`prefetch`]: the prefetch executor that warms the chunk cache from plans;
 //! - [`api_server`], [`tls`]: the agent API (`stoker.agent.v1`) on a unix socket and on
-//!   TCP with mutual TLS.
+//!   TCP with mutual TLS;
+//! - [`warm_gate`], [`node_gate`]: the startup taint that holds pods off a new node
+//!   until its plans are on disk, lifted by the agent on its own Node.
 
 pub mod api_server;
 pub mod config;
 pub mod lazy_mount;
+pub mod node_gate;
 pub mod prefetch;
 pub mod resolver;
 pub mod server;
 pub mod snapshotter;
 pub mod tls;
 pub mod trace;
+pub mod warm_gate;
 
 mod error;
 

@@ -4,6 +4,9 @@
 //! `/run/stoker/snapshotter.sock`) with state under `state_dir` (default
 //! `/var/lib/stoker`), and the agent API on `api_socket` (default
 //! `/run/stoker/agent.sock`) and, when `api.listen` is set, on TCP with mutual TLS.
+//! With `node_name` (`STOKER_NODE_NAME`) set and a Kubernetes API client at hand
+//! (in-cluster, or a kubeconfig), it also runs the warm gate on its own Node in
+//! the background (`stoker_agent::node_gate`).
 //! Runs with no arguments; `--config FILE` and `STOKER_*` environment variables
 //! change the settings (see agent/README.md).
 
@@ -14,6 +17,7 @@ use anyhow::Context;
 use clap::Parser;
 use stoker_agent::api_server::{self, AgentService};
 use stoker_agent::lazy_mount::RegistryLazyMounter;
+use stoker_agent::node_gate;
 use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
 use stoker_agent::resolver::RegistryResolver;
 use stoker_agent::snapshotter::SnapshotterOptions;
@@ -121,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             ..PrefetchOptions::default()
         },
     );
+    let done_plans = prefetches.done_plans();
     let api = AgentService::new(
         Arc::clone(&traces),
         prefetches,
@@ -153,6 +158,14 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         on_signal.cancel();
     });
+    // In the background: an unreachable API server never delays serving.
+    let _gate = node_gate::spawn(
+        config.node_name.as_deref(),
+        done_plans,
+        config.gate_options(),
+        shutdown.clone(),
+    )
+    .await;
     let mut api_servers = vec![tokio::spawn(api_server::serve_unix(
         api_listener,
         api.clone(),

@@ -18,10 +18,11 @@
 //!   overwritten; the node is then read again and the patch retried.
 //!
 //! [`add_startup_taint`] does the reverse, for tests and tools that simulate a
-//! node registering with the taint.
+//! node registering with the taint. [`crate::node_gate`] runs all this on the
+//! agent's own Node.
 //!
 //! Every call here is listed in `stoker_controller::rbac::REQUIRED` (agent:
-//! `get` and `patch` on `nodes`, `patch` on `nodes/status`).
+//! `get`, `list`, `watch` and `patch` on `nodes`, `patch` on `nodes/status`).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -128,6 +129,21 @@ pub fn decide(
     } else {
         GateDecision::Wait
     }
+}
+
+/// How long, from the start of the wait, the node may stay gated: the
+/// target's timeout, or `default_timeout` while the controller has not written
+/// one. A malformed target lifts at once (see [`decide`]).
+pub fn warm_timeout(node: &Node, default_timeout: Duration) -> Duration {
+    node.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WARM_TARGET_ANNOTATION))
+        .map_or(default_timeout, |annotation| {
+            WarmTarget::from_annotation(annotation).map_or(Duration::ZERO, |t| {
+                Duration::from_secs(t.timeout_seconds.into())
+            })
+        })
 }
 
 /// True if the node carries the Stoker startup taint.

@@ -795,6 +795,11 @@ async fn a_prefetch_can_be_cancelled_and_what_was_verified_stays() {
     let last = final_state(&mut progress).await;
     assert_eq!(last.state, PrefetchState::Cancelled);
     assert!(node.prefetches.in_progress().is_empty());
+    let mut done_plans = node.prefetches.done_plans();
+    assert!(
+        !done_plans.borrow().contains(&image.digest),
+        "a cancelled plan is not done (the warm gate waits on this set)"
+    );
     assert!(
         !node.prefetches.cancel(&image.digest),
         "nothing left to cancel"
@@ -826,6 +831,13 @@ async fn a_prefetch_can_be_cancelled_and_what_was_verified_stays() {
     let mut again = node.prefetch(&image, plan.clone());
     assert_eq!(final_state(&mut again).await.state, PrefetchState::Done);
     assert!(node.cached(&image, &plan.chunks).iter().all(|&c| c));
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        done_plans.wait_for(|done| done.contains(&image.digest)),
+    )
+    .await
+    .expect("the finished plan is listed as done")
+    .expect("executor alive");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,6 +220,22 @@ pub const REQUIRED: &[ApiCall] = &[
     ),
     call(
         Agent,
+        "list",
+        "",
+        "nodes",
+        Cluster,
+        "watch its own node (field-selected on metadata.name): initial list",
+    ),
+    call(
+        Agent,
+        "watch",
+        "",
+        "nodes",
+        Cluster,
+        "watch its own node (field-selected on metadata.name) for its warm target",
+    ),
+    call(
+        Agent,
         "patch",
         "",
         "nodes",
@@ -287,7 +303,7 @@ mod tests {
     #[test]
     fn agent_rules_cover_the_agent_calls() {
         let rules = [
-            rule(&[""], &["nodes"], &["get", "patch"]),
+            rule(&[""], &["nodes"], &["get", "list", "watch", "patch"]),
             rule(&[""], &["nodes/status"], &["patch"]),
         ];
         assert_eq!(uncovered(Agent, &rules, &[]), []);

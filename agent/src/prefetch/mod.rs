@@ -19,7 +19,7 @@
 mod execute;
 mod images;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -68,6 +68,8 @@ pub struct Prefetches {
     background_rest: bool,
     jobs: Mutex<HashMap<Digest, Job>>,
     next_job: AtomicU64,
+    /// Indexes whose plan finished `Done` since the agent started.
+    done: watch::Sender<HashSet<Digest>>,
 }
 
 struct Job {
@@ -86,11 +88,19 @@ impl Prefetches {
             background_rest: options.background_rest,
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(0),
+            done: watch::Sender::new(HashSet::new()),
         })
     }
 
     pub fn images(&self) -> &Arc<NodeImages> {
         &self.images
+    }
+
+    /// The indexes whose plan finished `Done` (every chunk of the plan verified
+    /// and on local disk) since the agent started; changes as plans finish.
+    /// The node's warm gate waits on it.
+    pub fn done_plans(&self) -> watch::Receiver<HashSet<Digest>> {
+        self.done.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Digest, Job>> {
@@ -177,7 +187,10 @@ impl Prefetches {
         let outcome = self.run_plan(&request, &progress, &cancel).await;
         match &outcome {
             Outcome::Done => {
-                info!(index = %digest, chunks = progress.borrow().chunks_total, bytes = progress.borrow().bytes_total, "prefetch plan done")
+                info!(index = %digest, chunks = progress.borrow().chunks_total, bytes = progress.borrow().bytes_total, "prefetch plan done");
+                self.done.send_modify(|done| {
+                    done.insert(digest);
+                });
             }
             Outcome::Failed(reason) => warn!(index = %digest, reason, "prefetch plan failed"),
             Outcome::Cancelled => info!(index = %digest, "prefetch plan cancelled"),
