@@ -345,6 +345,59 @@ async fn a_status_conflict_is_retried_with_backoff() {
 }
 
 #[tokio::test]
+async fn throttling_and_server_errors_are_retried_with_backoff_forbidden_is_not() {
+    let mut h = Harness::new();
+    let web = deployment("web", 1, true);
+    h.add_deployment(&web);
+    let mut prefetch = prefetch_for(&web);
+    prefetch.spec.policy.learn_from_starts = 1;
+    prefetch.status = Some(ImagePrefetchStatus {
+        images: vec![stoker_crds::ImageStatus {
+            image: IMAGE.into(),
+            pods_learned: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let prefetch = Arc::new(prefetch);
+    let mut delays = Vec::new();
+    for (code, reason, label, transient) in [
+        (429, "TooManyRequests", "kube_throttled", true),
+        (503, "ServiceUnavailable", "kube_server_error", true),
+        (500, "InternalError", "kube_server_error", true),
+        (403, "Forbidden", "kube_client_error", false),
+    ] {
+        let task = tokio::spawn(reconcile::reconcile(prefetch.clone(), h.ctx.clone()));
+        expect(
+            &mut h.api,
+            Method::PATCH,
+            &format!("{PREFETCHES}/web/status"),
+        )
+        .await
+        .fail(code, reason);
+        let error = task.await.unwrap().unwrap_err();
+        assert_eq!(
+            (error.is_transient(), error.metric_label()),
+            (transient, label),
+            "{code}: {error}"
+        );
+        delays.push(reconcile::error_policy(
+            prefetch.clone(),
+            &error,
+            h.ctx.clone(),
+        ));
+    }
+    // 1 s, 2 s, 4 s for the transient ones (per object); 5 minutes for 403.
+    assert_eq!(
+        delays,
+        [1, 2, 4, 300].map(|s| Action::requeue(std::time::Duration::from_secs(s)))
+    );
+    let text = h.ctx.metrics.encode();
+    assert!(text.contains(r#"stoker_controller_reconcile_errors_total{controller="imageprefetch",error="kube_throttled"} 1"#), "{text}");
+    assert!(text.contains(r#"stoker_controller_reconcile_errors_total{controller="imageprefetch",error="kube_server_error"} 2"#), "{text}");
+}
+
+#[tokio::test]
 async fn deletion_cancels_running_prefetches_and_removes_the_finalizer() {
     let mut h = Harness::new();
     let web = deployment("web", 1, true);
