@@ -86,6 +86,10 @@ pub(crate) struct Inner {
     /// Serialises token fetches, so that a burst of 401s fetches one token.
     auth_refresh: tokio::sync::Mutex<()>,
     pub(crate) stats: RequestStats,
+    /// Mirror hosts per registry host, in the order they are tried.
+    pub(crate) mirrors: HashMap<String, Vec<String>>,
+    /// Mirrors that failed, and until when they are skipped.
+    pub(crate) mirror_down: Mutex<HashMap<String, Instant>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +180,20 @@ pub(crate) struct GaveUp {
 impl RegistryClient {
     /// Builds a client: loads the CA bundle and the credentials, and sets up the connection
     /// pools. Nothing is sent until the first operation.
-    pub fn new(config: RegistryConfig) -> Result<Self, RegistryError> {
+    pub fn new(mut config: RegistryConfig) -> Result<Self, RegistryError> {
         install_crypto_provider();
+        let mut mirrors = HashMap::new();
+        for (registry, urls) in &config.mirrors {
+            let mut hosts = Vec::new();
+            for url in urls {
+                let (host, plain_http) = crate::mirrors::parse_mirror(url)?;
+                if plain_http && !config.insecure_hosts.contains(&host) {
+                    config.insecure_hosts.push(host.clone());
+                }
+                hosts.push(host);
+            }
+            mirrors.insert(registry.clone(), hosts);
+        }
         let credentials =
             CredentialStore::load(config.basic_auth.as_ref(), config.docker_config.as_deref())?;
 
@@ -240,6 +256,8 @@ impl RegistryClient {
                 auth_cache: Mutex::new(HashMap::new()),
                 auth_refresh: tokio::sync::Mutex::new(()),
                 stats: RequestStats::default(),
+                mirrors,
+                mirror_down: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -326,7 +344,8 @@ impl RegistryClient {
     }
 
     fn credentials(&self, repo: &Reference) -> Option<Credentials> {
-        self.inner.credentials.for_registry(repo.registry())
+        // A mirror gets its own credentials, never the origin's.
+        self.inner.credentials.for_registry(repo.resolve_registry())
     }
 
     /// The oci-client for `repo`'s registry, with the credentials stored in it, so that its
@@ -777,7 +796,7 @@ fn split_pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// Locks a mutex, ignoring poisoning (the maps stay consistent: every update is one insert).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -1,6 +1,7 @@
 //! How a [`RegistryClient`](crate::RegistryClient) connects: transport security,
 //! credentials, timeouts and the retry policy.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub struct RegistryConfig {
     pub read_deadline: Duration,
     /// Back-off between attempts, and the attempt limit for operations without a deadline.
     pub retry: RetryPolicy,
+    /// Mirrors per registry host (as written in references, e.g. `docker.io` or
+    /// `registry.example:5000`), as URLs (`https://mirror.example`, `http://10.0.0.5:5000`):
+    /// manifest, referrer and ranged blob reads try them in order before the registry.
+    pub mirrors: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for RegistryConfig {
@@ -48,6 +53,7 @@ impl Default for RegistryConfig {
             request_timeout: Duration::from_secs(30),
             read_deadline: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            mirrors: BTreeMap::new(),
         }
     }
 }
@@ -70,6 +76,7 @@ impl fmt::Debug for RegistryConfig {
             .field("request_timeout", &self.request_timeout)
             .field("read_deadline", &self.read_deadline)
             .field("retry", &self.retry)
+            .field("mirrors", &self.mirrors)
             .finish()
     }
 }

@@ -43,6 +43,7 @@ mod config;
 mod credentials;
 mod error;
 mod manifest;
+mod mirrors;
 mod range;
 mod referrers;
 
@@ -54,6 +55,7 @@ pub use manifest::{
     parse_image_index, parse_image_manifest, parse_platform, parse_reference, platform_to_string,
     select_platforms,
 };
+pub use mirrors::MIRROR_RETRY_AFTER;
 pub use range::WHOLE_BLOB_FALLBACK_LIMIT;
 pub use referrers::referrers_fallback_tag;
 

@@ -223,6 +223,17 @@ impl RegistryClient {
         &self,
         reference: &Reference,
     ) -> Result<FetchedManifest, RegistryError> {
+        self.with_mirrors(reference, |at| async move {
+            self.fetch_manifest_direct(&at).await
+        })
+        .await
+    }
+
+    /// [`fetch_manifest_at`](Self::fetch_manifest_at) from one registry or mirror.
+    async fn fetch_manifest_direct(
+        &self,
+        reference: &Reference,
+    ) -> Result<FetchedManifest, RegistryError> {
         let expected = reference_digest(reference)?;
         let name = reference
             .digest()

@@ -37,6 +37,20 @@ impl RegistryClient {
         blob: &Digest,
         range: Range<u64>,
     ) -> Result<Bytes, RegistryError> {
+        self.with_mirrors(repo, |at| {
+            let range = range.clone();
+            async move { self.read_range_direct(&at, blob, range).await }
+        })
+        .await
+    }
+
+    /// [`read_range`](Self::read_range) from one registry or mirror.
+    async fn read_range_direct(
+        &self,
+        repo: &Reference,
+        blob: &Digest,
+        range: Range<u64>,
+    ) -> Result<Bytes, RegistryError> {
         let mut target = Self::target(repo, format!("blob {blob}"));
         target.range = Some(range.clone());
         if range.start > range.end {

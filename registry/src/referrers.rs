@@ -39,6 +39,20 @@ impl RegistryClient {
         subject: &Digest,
         artifact_type: &str,
     ) -> Result<Vec<Descriptor>, RegistryError> {
+        self.with_mirrors(repo, |at| async move {
+            self.find_referrers_direct(&at, subject, artifact_type)
+                .await
+        })
+        .await
+    }
+
+    /// [`find_referrers`](Self::find_referrers) from one registry or mirror.
+    async fn find_referrers_direct(
+        &self,
+        repo: &Reference,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>, RegistryError> {
         let index = match self
             .referrers_api(repo, subject, Some(artifact_type))
             .await?
