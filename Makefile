@@ -8,6 +8,7 @@
 #   make bench       benchmarks (BENCHMARKS.md)
 #   make demo        end-to-end demo
 #   make fuzz-smoke  fixed-length fuzzing run of every cargo-fuzz target (fuzz/README.md)
+#   make test-faults the fault-injection suite and its recovery table (docs/RELIABILITY.md)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -17,7 +18,7 @@ CARGO ?= cargo
 # Real components the tests run on loopback (see docs and testkit/).
 APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq
 
-.PHONY: all deps build test lint bench demo fuzz-smoke
+.PHONY: all deps build test lint bench demo fuzz-smoke test-faults
 
 all: build
 
@@ -44,6 +45,18 @@ test: deps
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The fault-injection suite (also part of `make test`): registry-client faults, reads
+# through a real FUSE mount with a fault proxy in front of a real registry, and the agent
+# killed with SIGKILL and restarted. Prints the recovery table (fault cleared → first
+# correct read) the lazyfs tests report as `RECOVERY | scenario | ms` lines.
+test-faults: deps
+	@log="$${TMPDIR:-/tmp}/stoker-test-faults.log"; : >"$$log"; \
+	$(CARGO) test -p stoker-registry --test faults 2>&1 | tee -a "$$log"; \
+	$(CARGO) test -p stoker-lazyfs --test faults -- --nocapture --test-threads=3 2>&1 | tee -a "$$log"; \
+	$(CARGO) test -p stoker-agent --test lazy_e2e -- --nocapture 2>&1 | tee -a "$$log"; \
+	echo; echo "Recovery after the fault clears (full log: $$log)"; \
+	grep -ho 'RECOVERY | [^|]* | [0-9.]*' "$$log" | awk -F' [|] ' '{ printf "  %-45s %8s ms\n", $$2, $$3 }'
 
 # Runs every benchmark section side by side and writes BENCHMARKS.md.
 # BENCH_ARGS="--quick" for a short run, "--sections convert" for one section.
