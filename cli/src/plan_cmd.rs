@@ -212,7 +212,7 @@ fn print_summary(s: &PlanSummary) {
 }
 
 /// Attaches the plan to `image`. Returns the artifact digest and its subject.
-async fn push(
+pub(crate) async fn push(
     registry: &RegistryArgs,
     image: &str,
     plan: &Plan,

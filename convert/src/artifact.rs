@@ -29,6 +29,23 @@ pub struct ConvertReport {
     pub packing: PackStats,
     pub blobs: Vec<(String, u64)>,
     pub seconds: f64,
+    /// With a layout plan: the hot blob (blob 0), holding the plan's chunks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hot_blob: Option<HotBlobReport>,
+    /// With a layout plan: the plan re-bound to this conversion's index.
+    #[serde(skip)]
+    pub layout_plan: Option<stoker_format::Plan>,
+}
+
+/// The hot blob of a trace-ordered conversion.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HotBlobReport {
+    pub digest: String,
+    pub size: u64,
+    /// The plan's chunks, all in this blob, back to back in plan order.
+    pub chunks: u64,
+    /// Their uncompressed size.
+    pub uncompressed_bytes: u64,
 }
 
 impl ConvertReport {
@@ -129,6 +146,8 @@ pub(crate) async fn publish(
             .map(|b| (b.digest.to_string(), b.size))
             .collect(),
         seconds: elapsed.as_secs_f64(),
+        hot_blob: None,
+        layout_plan: None,
     })
 }
 

@@ -15,6 +15,10 @@
 //!    is uploaded as soon as its layer is done;
 //! 4. the tree is encoded as the index, and the artifact manifest is pushed
 //!    last, so a failed conversion never leaves a visible artifact ([`artifact`]).
+//!
+//! With a prefetch plan ([`ConvertOptions::layout_plan`]), the plan's chunks go to
+//! a *hot blob*, back to back in plan order, and the report carries the plan
+//! re-bound to the new index ([`trace_layout`]).
 
 pub mod artifact;
 pub mod layer;
@@ -22,10 +26,11 @@ pub mod layout;
 pub mod merge;
 pub mod pack;
 pub mod source;
+pub mod trace_layout;
 
 use std::path::{Path, PathBuf};
 
-use stoker_format::{Chunking, Digest, FormatError};
+use stoker_format::{Chunking, Digest, FormatError, Plan};
 
 pub use artifact::{ConvertReport, find_artifact, load_index};
 pub use source::{ImageStore, convert};
@@ -46,6 +51,10 @@ pub struct ConvertOptions {
     pub deny_setuid: bool,
     /// Refuse character and block devices.
     pub deny_devices: bool,
+    /// Lay the image out by this prefetch plan: its chunks first, in plan order,
+    /// in one hot blob. The plan must be bound to the index of one of the
+    /// image's Stoker artifacts; only that platform is converted.
+    pub layout_plan: Option<Plan>,
 }
 
 impl Default for ConvertOptions {
@@ -58,6 +67,7 @@ impl Default for ConvertOptions {
             progress: false,
             deny_setuid: false,
             deny_devices: false,
+            layout_plan: None,
         }
     }
 }
@@ -79,6 +89,8 @@ pub enum ConvertError {
     },
     #[error("source image: {0}")]
     Source(String),
+    #[error("layout plan: {0}")]
+    Plan(String),
     #[error("no Stoker artifact found for {0}")]
     NoArtifact(String),
     #[error("registry: {0}")]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::StreamExt;
 use oci_client::Reference;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
-use stoker_format::{ChunkTable, Digest, NodeId, NodeKind, Tree};
+use stoker_format::{ChunkTable, Digest, Index, NodeId, NodeKind, Tree};
 use stoker_registry::RegistryClient;
 use tokio::sync::mpsc;
 
@@ -293,12 +293,25 @@ pub async fn convert(
     options: &ConvertOptions,
 ) -> Result<Vec<ConvertReport>, ConvertError> {
     options.chunking.validate()?;
+    if let Some(plan) = &options.layout_plan {
+        let target = crate::trace_layout::resolve(
+            store,
+            selector,
+            &options.platforms,
+            options.chunking,
+            plan,
+        )
+        .await?;
+        let report =
+            convert_manifest(store, target.platform, target.manifest, options, target.hot).await?;
+        return Ok(vec![report]);
+    }
     let mut reports = Vec::new();
     for (platform, manifest) in store
         .platform_manifests(selector, &options.platforms)
         .await?
     {
-        reports.push(convert_manifest(store, platform, manifest, options).await?);
+        reports.push(convert_manifest(store, platform, manifest, options, Vec::new()).await?);
     }
     Ok(reports)
 }
@@ -308,6 +321,7 @@ async fn convert_manifest(
     platform: Option<String>,
     manifest: Manifest,
     options: &ConvertOptions,
+    hot: Vec<Digest>,
 ) -> Result<ConvertReport, ConvertError> {
     let started = Instant::now();
     let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
@@ -369,11 +383,13 @@ async fn convert_manifest(
         layers.iter().map(|l| l.size).sum(),
     ));
     let progress_for_reader = progress.clone();
+    let hot_for_packer = hot.clone();
     let built = tokio::task::spawn_blocking(move || {
         let packer = PackerHandle::start(
             &staging_path,
             options_for_reader.zstd_level,
             ChunkTable::default(),
+            hot_for_packer,
             move |blob| {
                 let _ = blob_tx.send(blob);
             },
@@ -407,7 +423,13 @@ async fn convert_manifest(
         .map_err(|e| ConvertError::Internal(format!("uploader: {e}")))??;
     progress.finish_and_clear();
 
-    artifact::publish(
+    let layout_plan = if hot.is_empty() {
+        None
+    } else {
+        let new_index = Index::decode(&index.compressed)?;
+        Some(crate::trace_layout::rebind(&hot, &new_index, index.digest)?)
+    };
+    let mut report = artifact::publish(
         store,
         &manifest,
         platform,
@@ -416,7 +438,22 @@ async fn convert_manifest(
         stats,
         started.elapsed(),
     )
-    .await
+    .await?;
+    if let Some(plan) = layout_plan {
+        report.hot_blob = table.blobs.first().map(|blob| artifact::HotBlobReport {
+            digest: blob.digest.to_string(),
+            size: blob.size,
+            chunks: plan.chunks.len() as u64,
+            uncompressed_bytes: table
+                .chunks
+                .iter()
+                .filter(|c| c.blob == 0)
+                .map(|c| c.uncompressed_len as u64)
+                .sum(),
+        });
+        report.layout_plan = Some(plan);
+    }
+    Ok(report)
 }
 
 /// Streams one layer: digest check, decompression, tar parsing, merge, chunking.
