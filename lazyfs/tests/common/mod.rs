@@ -159,7 +159,12 @@ impl ImageBuilder {
         self.add(dir, name, NodeKind::File { size, pieces }, meta)
     }
 
-    pub fn finish(mut self) -> TestImage {
+    pub fn finish(self) -> TestImage {
+        self.finish_with_index_blob().0
+    }
+
+    /// [`finish`](Self::finish), also returning the compressed index blob.
+    pub fn finish_with_index_blob(mut self) -> (TestImage, Vec<u8>) {
         let blob = Bytes::from(self.blob);
         let blob_digest = Digest::of(&blob);
         self.table.blobs[0] = BlobInfo {
@@ -171,12 +176,13 @@ impl ImageBuilder {
             .encode(&self.table, Chunking::Fixed { size: 1 << 20 })
             .expect("encode index");
         let index = Index::decode_verified(&encoded.compressed, &encoded.digest).expect("decode");
-        TestImage {
+        let image = TestImage {
             index: Arc::new(index),
             blob_digest,
             blob,
             chunk_bytes: self.chunk_bytes,
-        }
+        };
+        (image, encoded.compressed)
     }
 }
 
