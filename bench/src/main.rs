@@ -6,6 +6,7 @@ mod convert_bench;
 mod demo;
 mod fuse_bench;
 mod images;
+mod layout_bench;
 mod report;
 
 use clap::Parser;
@@ -37,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         let section = match name.as_str() {
             "convert" => convert_bench::run(size).await?,
             "demo" => demo::run(size).await?,
+            "layout" => layout_bench::run(size).await?,
             "fuse" => fuse_bench::run(args.quick).await?,
             other => anyhow::bail!("unknown section {other:?}"),
         };
