@@ -63,9 +63,9 @@ test-faults: deps
 bench: deps
 	$(CARGO) run --release -p stoker-bench -- $(BENCH_ARGS)
 
-# The main job on one machine: registry, convert, full pull vs lazy vs warm start.
+# The main job on one machine, through containerd: full pull vs Stoker lazy vs warmed from a plan.
 demo: deps
-	$(CARGO) build --release -p stoker-cli -p stoker-bench
+	$(CARGO) build --release -p stoker-cli -p stoker-agent -p stoker-bench
 	./target/release/stoker-bench --sections demo --quick --out "$${TMPDIR:-/tmp}/stoker-demo.md"
 
 # cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets rustc take -Zsanitizer=address.

@@ -1,61 +1,441 @@
-//! `make demo`: the main job on one machine. A registry on loopback, a
-//! generated ML-like image, `stoker convert`, then the image's startup read
-//! (a Python-style import of some modules and libraries plus one weight file's
-//! header) done two ways: pull + unpack everything first (skopeo + umoci, as a
-//! node does today), and `stoker mount` reading only what it needs; then a
-//! warm start from the node cache. Prints time and bytes for each.
+//! `make demo`: the main job on one machine, through containerd, no cluster.
+//!
+//! It starts its own docker-registry and containerd 1.6 instances (stoker-testkit),
+//! builds a generated ML-like image with a shell and a start script, converts it
+//! (`stoker convert`), and starts it three ways, each on a fresh "node" (its own
+//! containerd, and for Stoker its own `stoker-agent` process and empty chunk cache):
+//!
+//! 1. **full pull**: `ctr images pull` into containerd's overlayfs snapshotter (every
+//!    layer downloaded and unpacked), then `ctr run`;
+//! 2. **Stoker lazy, cold**: a CRI `PullImage` through the Stoker proxy snapshotter
+//!    (which mounts the image's lazy filesystem), then `ctr run`: chunks are fetched
+//!    as the start script reads them, and the agent records the startup trace;
+//! 3. **Stoker warmed from a plan**: the trace of run 2, collected through node 2's
+//!    agent API and merged into a plan (`Plan::merge`), is pushed to node 3's agent
+//!    API (`Prefetch`); once it is done, the same pull and run.
+//!
+//! For each it measures the time from the pull to the container's first output line
+//! and the bytes the registry served, and prints a table. Everything it starts
+//! (registry, containerd, agents, containers, mounts, temporary directories) is
+//! stopped and removed when it returns.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use stoker_api::agent::agent_client::AgentClient;
+use stoker_api::agent::{GetTraceRequest, ListTracesRequest, PrefetchRequest, PrefetchState};
+use stoker_format::{Plan, Trace, TraceEntry};
+use stoker_testkit::containerd::{
+    AgentProcess, CRI_NAMESPACE, TestContainerd, host_binary_entries, unix_channel,
+    workspace_binary,
+};
+use stoker_testkit::image::{Entry, push_layout};
 use stoker_testkit::registry::TestRegistry;
 
 use crate::images::{MlImageSize, ml_image};
 use crate::report::{Section, mb};
 
-/// The files the "startup" reads: every 10th module, every 8th library, and
-/// the first 4 MiB of the first weight file.
-fn startup_reads(root: &Path) -> anyhow::Result<u64> {
-    let mut bytes = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read_file = |path: &Path, limit: u64| -> anyhow::Result<()> {
-        let mut file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
-        let mut left = limit;
-        while left > 0 {
-            let n = file.read(&mut buf[..(left.min(1 << 20)) as usize])?;
-            if n == 0 {
-                break;
-            }
-            bytes += n as u64;
-            left -= n as u64;
-        }
-        Ok(())
-    };
-    for pkg in 0..100 {
-        let dir = root.join(format!("opt/venv/pkg{pkg}"));
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        names.sort();
-        for path in names.iter().step_by(10) {
-            read_file(path, u64::MAX)?;
-        }
-    }
-    let mut libs: Vec<PathBuf> = std::fs::read_dir(root.join("usr/lib"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    libs.sort();
-    for path in libs.iter().step_by(8) {
-        read_file(path, u64::MAX)?;
-    }
-    read_file(&root.join("models/weights0.bin"), 4 << 20)?;
-    Ok(bytes)
+/// What the start script prints once its startup reads are done.
+pub const READY_LINE: &str = "stoker demo: model loaded";
+/// The learning node's startup window: it opens when the image is mounted (at the
+/// pull) and must cover the container's start; the trace is collected after it.
+const LEARN_WINDOW_SECS: u64 = 20;
+const DEADLINE: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(50);
+
+/// One way of starting the container, measured.
+#[derive(Debug, Clone)]
+pub struct StartRun {
+    pub name: &'static str,
+    /// From the start of the pull to the container's first output line.
+    pub first_line: Duration,
+    /// Everything the container printed.
+    pub output: String,
+    /// Bytes the registry served to warm the node before the pull (plans).
+    pub bytes_before: u64,
+    /// Bytes the registry served from the pull to the container's exit.
+    pub bytes_during: u64,
 }
 
-fn blob_bytes_served(registry: &TestRegistry) -> u64 {
+/// The three starts of one image.
+#[derive(Debug, Clone)]
+pub struct DemoResult {
+    /// Uncompressed size of the image's files, and of its compressed layers.
+    pub image_bytes: u64,
+    pub compressed_bytes: u64,
+    pub full: StartRun,
+    pub lazy: StartRun,
+    pub warm: StartRun,
+    /// Chunks and uncompressed bytes of the plan learned from the lazy start.
+    pub plan_chunks: usize,
+    pub plan_bytes: u64,
+}
+
+impl DemoResult {
+    pub fn runs(&self) -> [&StartRun; 3] {
+        [&self.full, &self.lazy, &self.warm]
+    }
+}
+
+/// `stoker-bench --sections demo`: the demo as a report section.
+pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
+    Ok(table(&measure(size).await?))
+}
+
+/// The demo's table: one row per start.
+pub fn table(result: &DemoResult) -> Section {
+    let mut section = Section::new(
+        "Demo: three ways to start a container through containerd",
+        &format!(
+            "A generated ML-like image of {} ({} compressed), run with `ctr run` on a fresh containerd \
+             each time. Its start script reads a tenth of the Python modules, an eighth of the \
+             libraries, the head of a weight file), then prints one line. `full pull`: `ctr images pull` \
+             into containerd's overlayfs snapshotter. `stoker lazy`: CRI PullImage through the Stoker \
+             snapshotter, empty chunk cache. `stoker warmed`: another node, its agent first warmed \
+             through the agent API with the plan learned from the lazy start's trace ({} chunks, {}). \
+             Time is from the pull to the first output line; bytes are what the registry served.",
+            mb(result.image_bytes),
+            mb(result.compressed_bytes),
+            result.plan_chunks,
+            mb(result.plan_bytes),
+        ),
+        &[
+            "start",
+            "pull → first line",
+            "fetched before the pull",
+            "fetched pull → exit",
+            "time vs full pull",
+            "bytes vs full pull",
+        ],
+    );
+    let full = &result.full;
+    for run in result.runs() {
+        section.row(vec![
+            run.name.into(),
+            format!("{:.2} s", run.first_line.as_secs_f64()),
+            mb(run.bytes_before),
+            mb(run.bytes_during),
+            format!(
+                "{:.2}",
+                run.first_line.as_secs_f64() / full.first_line.as_secs_f64()
+            ),
+            format!(
+                "{:.3}",
+                run.bytes_during as f64 / full.bytes_during.max(1) as f64
+            ),
+        ]);
+    }
+    section.note(
+        "Registry on loopback: on a real network the full pull pays for every byte, so the gap grows.",
+    );
+    section.note(
+        "What the warmed start still fetches: the image config, the Stoker index, and the lazy \
+         filesystem's read-ahead (4 MiB past a file's last read, at prefetch priority), which a \
+         startup trace does not record since the container never reads it.",
+    );
+    section
+}
+
+/// Runs the three starts of an image of `size` and returns what was measured. Fails
+/// (instead of skipping) when something it needs is missing, naming it.
+pub async fn measure(size: MlImageSize) -> anyhow::Result<DemoResult> {
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || measure_blocking(size, &handle))
+        .await
+        .context("the demo's thread")?
+}
+
+fn measure_blocking(size: MlImageSize, rt: &tokio::runtime::Handle) -> anyhow::Result<DemoResult> {
+    check_machine()?;
+    let agent_binary = workspace_binary("stoker-agent", "stoker-agent")?;
+    let work = tempfile::Builder::new().prefix("stoker-demo-").tempdir()?;
+    let registry = TestRegistry::start().context("starting docker-registry")?;
+
+    // The image: the ML-like layers, then a shell and the start script.
+    let (image, image_bytes) = ml_image(size);
+    let script = start_script(size);
+    let mut app = host_binary_entries(&["/bin/sh", "/bin/cat", "/usr/bin/head"])?;
+    app.push(Entry::dir("app"));
+    app.push(Entry::file("app/start.sh", script).mode(0o755));
+    let image = image.layer(app);
+    eprintln!(
+        "demo: building a {} image and pushing it to {}",
+        mb(image_bytes),
+        registry.host()
+    );
+    let layout = work.path().join("layout");
+    let written = image.write_layout(&layout, "v1")?;
+    let compressed_bytes: u64 = written.layers.iter().map(|l| l.blob.size).sum();
+    push_layout(&layout, "v1", &registry.host(), "demo/ml:v1")?;
+    let reference = format!("{}/demo/ml:v1", registry.host());
+
+    eprintln!("demo: stoker convert {reference}");
+    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
+        plain_http: true,
+        docker_config: None,
+        ..Default::default()
+    })?;
+    let report = rt
+        .block_on(async {
+            let (store, selector) = stoker_convert::ImageStore::registry(client, &reference)?;
+            stoker_convert::convert(
+                &store,
+                &selector,
+                &stoker_convert::ConvertOptions::default(),
+            )
+            .await
+        })
+        .context("stoker convert")?
+        .into_iter()
+        .next()
+        .context("stoker convert converted nothing")?;
+
+    // 2. Stoker lazy, cold; its startup window closes while the full pull runs.
+    let learn_env = [("STOKER_TRACE_WINDOW_SECS", LEARN_WINDOW_SECS.to_string())];
+    let lazy_node = StokerNode::start(
+        &agent_binary,
+        &work.path().join("lazy"),
+        &registry,
+        &learn_env,
+    )?;
+    eprintln!("demo: stoker lazy (cold cache)");
+    registry.clear_requests();
+    let lazy = lazy_node.pull_and_run(
+        rt,
+        &registry,
+        "stoker lazy (cold cache)",
+        "lazy",
+        &reference,
+        0,
+    )?;
+
+    // 1. Full pull into overlayfs, on a containerd of its own.
+    eprintln!("demo: full pull (overlayfs)");
+    let full = {
+        let containerd = TestContainerd::start(&work.path().join("no-snapshotter.sock"))?;
+        registry.clear_requests();
+        let started = Instant::now();
+        containerd
+            .ctr(
+                CRI_NAMESPACE,
+                &[
+                    "images",
+                    "pull",
+                    "--plain-http",
+                    "--snapshotter",
+                    "overlayfs",
+                    &reference,
+                ],
+            )
+            .context("ctr images pull")?;
+        let (first_line, output) =
+            run_container(&containerd, "overlayfs", &reference, "full", started)?;
+        StartRun {
+            name: "full pull (overlayfs)",
+            first_line,
+            output,
+            bytes_before: 0,
+            bytes_during: blob_bytes(&registry),
+        }
+    };
+
+    // The lazy start's trace, through the agent API, merged into a plan.
+    let trace = rt.block_on(collect_trace(
+        &lazy_node.agent.api_socket(),
+        &report.index_digest,
+    ))?;
+    let plan = Plan::merge(std::slice::from_ref(&trace), None)?;
+    let plan_bytes: u64 = trace.entries.iter().map(|e| u64::from(e.len)).sum();
+    drop(lazy_node);
+
+    // 3. Another node, warmed from the plan through its agent API, then the same start.
+    eprintln!(
+        "demo: stoker warmed from a plan ({} chunks, {})",
+        plan.chunks.len(),
+        mb(plan_bytes)
+    );
+    let warm_node = StokerNode::start(&agent_binary, &work.path().join("warm"), &registry, &[])?;
+    registry.clear_requests();
+    rt.block_on(push_plan(
+        &warm_node.agent.api_socket(),
+        &reference,
+        &report.index_digest,
+        &plan,
+    ))?;
+    let bytes_before = blob_bytes(&registry);
+    registry.clear_requests();
+    let warm = warm_node.pull_and_run(
+        rt,
+        &registry,
+        "stoker warmed from a plan",
+        "warm",
+        &reference,
+        bytes_before,
+    )?;
+    drop(warm_node);
+
+    for run in [&full, &lazy, &warm] {
+        if run.output.trim_end() != READY_LINE {
+            bail!("{} printed {:?}, not {READY_LINE:?}", run.name, run.output);
+        }
+    }
+    Ok(DemoResult {
+        image_bytes,
+        compressed_bytes,
+        full,
+        lazy,
+        warm,
+        plan_chunks: plan.chunks.len(),
+        plan_bytes,
+    })
+}
+
+/// Root, /dev/fuse and the Debian packages the demo runs (`make deps` installs them).
+fn check_machine() -> anyhow::Result<()> {
+    if !stoker_testkit::require_root("demo") {
+        bail!("the demo mounts filesystems and runs containerd: run it as root");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is absent: the demo needs FUSE (package fuse3, and a kernel with FUSE)");
+    }
+    for tool in [
+        "containerd",
+        "ctr",
+        "runc",
+        "docker-registry",
+        "skopeo",
+        "ldd",
+    ] {
+        if stoker_testkit::find_tool(tool).is_none() {
+            bail!(
+                "{tool} not found: run `make deps` (Debian packages containerd, runc, docker-registry, skopeo)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The start script: reads what an ML service reads at startup, then prints one line.
+/// The file names follow `images::ml_image`.
+fn start_script(size: MlImageSize) -> String {
+    let mut files = Vec::new();
+    for i in (0..size.small_files).filter(|i| i % 3 != 0 && i % 10 == 1) {
+        files.push(format!("/opt/venv/pkg{}/module{i}.py", i % 100));
+    }
+    for i in (0..size.libraries).step_by(8) {
+        files.push(format!("/usr/lib/lib{i}.so"));
+    }
+    let weight_head = (4u64 << 20).min(size.weight_file_bytes / 4);
+    let mut script = String::from("#!/bin/sh\nset -e\n");
+    for group in files.chunks(50) {
+        script.push_str(&format!("cat {} > /dev/null\n", group.join(" ")));
+    }
+    if size.weight_files > 0 {
+        script.push_str(&format!(
+            "head -c {weight_head} /models/weights0.bin > /dev/null\n"
+        ));
+    }
+    script.push_str(&format!("echo '{READY_LINE}'\n"));
+    script
+}
+
+/// A node for Stoker: its own agent (state, cache, sockets) and containerd.
+struct StokerNode {
+    // containerd goes first (its containers and rootfs mounts), then the agent.
+    containerd: TestContainerd,
+    agent: AgentProcess,
+}
+
+impl StokerNode {
+    fn start(
+        binary: &Path,
+        state: &Path,
+        registry: &TestRegistry,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<StokerNode> {
+        let mut env = env.to_vec();
+        env.push(("STOKER_INSECURE_REGISTRIES", registry.host()));
+        let agent = AgentProcess::start(binary, state, &env).context("starting stoker-agent")?;
+        let containerd = TestContainerd::start(&agent.snapshotter_socket())?;
+        containerd.allow_plain_http(&registry.host())?;
+        Ok(StokerNode { containerd, agent })
+    }
+
+    /// CRI pull (through the Stoker snapshotter) and `ctr run`, measured.
+    fn pull_and_run(
+        &self,
+        rt: &tokio::runtime::Handle,
+        registry: &TestRegistry,
+        name: &'static str,
+        id: &str,
+        reference: &str,
+        bytes_before: u64,
+    ) -> anyhow::Result<StartRun> {
+        let started = Instant::now();
+        rt.block_on(self.containerd.cri_pull_image(reference))
+            .with_context(|| format!("CRI pull; agent log:\n{}", self.agent.log_tail(4000)))?;
+        let (first_line, output) =
+            run_container(&self.containerd, "stoker", reference, id, started)
+                .with_context(|| format!("agent log:\n{}", self.agent.log_tail(4000)))?;
+        Ok(StartRun {
+            name,
+            first_line,
+            output,
+            bytes_before,
+            bytes_during: blob_bytes(registry),
+        })
+    }
+}
+
+/// `ctr run --rm` of the start script; returns the time from `started` to the first
+/// output line, and the whole output.
+fn run_container(
+    containerd: &TestContainerd,
+    snapshotter: &str,
+    reference: &str,
+    id: &str,
+    started: Instant,
+) -> anyhow::Result<(Duration, String)> {
+    let mut child = containerd
+        .ctr_command(
+            CRI_NAMESPACE,
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                snapshotter,
+                "--net-host",
+                reference,
+                id,
+                "/app/start.sh",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting ctr run")?;
+    let stdout = child.stdout.take().context("ctr's stdout")?;
+    let mut lines = BufReader::new(stdout);
+    let mut output = String::new();
+    lines.read_line(&mut output)?;
+    let first_line = started.elapsed();
+    lines.read_to_string(&mut output)?;
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr)?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("ctr run {id} ({snapshotter}) failed with {status}: {stderr}");
+    }
+    Ok((first_line, output))
+}
+
+/// Bytes of blobs the registry served since its requests were last cleared.
+fn blob_bytes(registry: &TestRegistry) -> u64 {
     registry
         .requests()
         .iter()
@@ -64,145 +444,87 @@ fn blob_bytes_served(registry: &TestRegistry) -> u64 {
         .sum()
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let path = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(path.as_ref()))
+/// Waits until the agent's trace of `index_digest` is complete (its startup window
+/// closed) and returns it, from the agent API.
+async fn collect_trace(api_socket: &Path, index_digest: &str) -> anyhow::Result<Trace> {
+    let mut agent = AgentClient::new(unix_channel(api_socket).await?);
+    let deadline = Instant::now() + DEADLINE;
+    let trace_id = loop {
+        let traces = agent
+            .list_traces(ListTracesRequest::default())
+            .await?
+            .into_inner()
+            .traces;
+        if let Some(trace) = traces
+            .iter()
+            .find(|t| t.index_digest == index_digest && t.complete)
+        {
+            break trace.trace_id.clone();
+        }
+        if Instant::now() > deadline {
+            bail!("no complete startup trace of {index_digest}: {traces:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let response = agent
+        .get_trace(GetTraceRequest { trace_id })
+        .await?
+        .into_inner();
+    let mut files: Vec<String> = Vec::new();
+    let entries = response
+        .entries
+        .iter()
+        .map(|e| {
+            let file = match files.iter().position(|f| *f == e.path) {
+                Some(file) => file,
+                None => {
+                    files.push(e.path.clone());
+                    files.len() - 1
+                }
+            };
+            TraceEntry {
+                chunk: e.chunk_index,
+                len: e.chunk_length,
+                file: file as u32,
+                file_offset: e.file_offset,
+                micros: e.micros_since_start,
+            }
+        })
+        .collect();
+    Ok(Trace {
+        index_digest: index_digest.to_string(),
+        files,
+        entries,
+        ..Trace::default()
+    })
 }
 
-fn stoker_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.with_file_name("stoker")
-}
-
-fn mount(reference: &str, mountpoint: &Path, cache: &Path) -> anyhow::Result<Child> {
-    let child = Command::new(stoker_bin())
-        .args(["mount", "--plain-http", reference])
-        .arg(mountpoint)
-        .arg("--cache-dir")
-        .arg(cache)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting stoker mount (build it with `cargo build --release -p stoker-cli`)")?;
-    if !stoker_testkit::wait_until(Duration::from_secs(60), Duration::from_millis(5), || {
-        is_mounted(mountpoint)
-    }) {
-        bail!("stoker mount did not mount {}", mountpoint.display());
+/// Pushes `plan` to the agent API and waits until it is done.
+async fn push_plan(
+    api_socket: &Path,
+    reference: &str,
+    index_digest: &str,
+    plan: &Plan,
+) -> anyhow::Result<()> {
+    let mut agent = AgentClient::new(unix_channel(api_socket).await?);
+    let mut progress = agent
+        .prefetch(PrefetchRequest {
+            image_ref: reference.to_string(),
+            index_digest: index_digest.to_string(),
+            plan: plan.encode()?,
+            background_rest: false,
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(message) = tokio::time::timeout(DEADLINE, progress.message())
+        .await
+        .context("no prefetch progress")??
+    {
+        last = Some(message);
     }
-    Ok(child)
-}
-
-fn unmount(mut child: Child) -> anyhow::Result<()> {
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()?;
-    child.wait()?;
-    Ok(())
-}
-
-pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
-    let work = tempfile::tempdir()?;
-    let registry = TestRegistry::start().context("starting docker-registry")?;
-    let (image, total) = ml_image(size);
-    eprintln!(
-        "demo: building a {} image and pushing it to {}",
-        mb(total),
-        registry.host()
-    );
-    let layout = work.path().join("layout");
-    let written = image.write_layout(&layout, "v1")?;
-    let compressed: u64 = written.layers.iter().map(|l| l.blob.size).sum();
-    stoker_testkit::image::push_layout(&layout, "v1", &registry.host(), "demo/ml:v1")?;
-    let reference = format!("{}/demo/ml:v1", registry.host());
-
-    eprintln!("demo: stoker convert {reference}");
-    let status = Command::new(stoker_bin())
-        .args(["convert", "--plain-http", &reference])
-        .status()?;
-    if !status.success() {
-        bail!("stoker convert failed");
+    match last {
+        Some(p) if p.state == PrefetchState::Done as i32 => Ok(()),
+        other => bail!("the prefetch did not finish: {other:?}"),
     }
-
-    let mut section = Section::new(
-        "Demo: time to a finished startup read",
-        &format!(
-            "A {} image ({} compressed). The startup reads a tenth of the Python modules, an eighth of the \
-             libraries and the first 4 MiB of a weight file. `full pull` copies the image from the registry \
-             and unpacks it (skopeo + umoci, what a node does before a container can start); `stoker lazy` \
-             mounts the image and reads through FUSE with an empty cache; `stoker warm` does it again on the \
-             node's cache.",
-            mb(total),
-            mb(compressed)
-        ),
-        &[
-            "start",
-            "time",
-            "bytes from registry",
-            "bytes read",
-            "time vs full pull",
-        ],
-    );
-
-    // 1. Full pull and unpack.
-    registry.clear_requests();
-    let started = Instant::now();
-    let pulled = work.path().join("pulled");
-    let status = Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-        ])
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}:v1", pulled.display()))
-        .status()?;
-    if !status.success() {
-        bail!("skopeo copy failed");
-    }
-    let bundle = work.path().join("bundle");
-    let status = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:v1", pulled.display()))
-        .arg(&bundle)
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("umoci unpack failed");
-    }
-    let read = startup_reads(&bundle.join("rootfs"))?;
-    let full_secs = started.elapsed().as_secs_f64();
-    let full_bytes = blob_bytes_served(&registry);
-    section.row(vec![
-        "full pull + unpack".into(),
-        format!("{full_secs:.2} s"),
-        mb(full_bytes),
-        mb(read),
-        "1.00".into(),
-    ]);
-
-    // 2. Lazy, cold cache; 3. warm cache.
-    let mountpoint = work.path().join("mnt");
-    std::fs::create_dir(&mountpoint)?;
-    let cache = work.path().join("cache");
-    for name in ["stoker lazy (cold cache)", "stoker warm (node cache)"] {
-        registry.clear_requests();
-        let started = Instant::now();
-        let child = mount(&reference, &mountpoint, &cache)?;
-        let read = startup_reads(&mountpoint)?;
-        let secs = started.elapsed().as_secs_f64();
-        unmount(child)?;
-        let fetched = blob_bytes_served(&registry);
-        section.row(vec![
-            name.into(),
-            format!("{secs:.2} s"),
-            mb(fetched),
-            mb(read),
-            format!("{:.2}", secs / full_secs),
-        ]);
-    }
-    section.note("Registry on loopback: on a real network the full pull pays for every byte, so the gap grows.");
-    Ok(section)
 }
