@@ -5,6 +5,7 @@
 mod convert_bench;
 mod demo;
 mod fuse_bench;
+mod load_bench;
 mod images;
 mod layout_bench;
 mod report;
@@ -13,7 +14,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Sections to run (comma-separated): convert, demo, fuse.
+    /// Sections to run (comma-separated): convert, demo, fuse, load.
     #[arg(long, default_value = "convert", value_delimiter = ',')]
     sections: Vec<String>,
     /// Smaller inputs for a quick run (not for BENCHMARKS.md).
@@ -40,6 +41,7 @@ async fn main() -> anyhow::Result<()> {
             "demo" => demo::run(size).await?,
             "layout" => layout_bench::run(size).await?,
             "fuse" => fuse_bench::run(args.quick).await?,
+            "load" => load_bench::run(args.quick).await?,
             other => anyhow::bail!("unknown section {other:?}"),
         };
         println!("{}", section.markdown());

@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+#[derive(Debug)]
 pub struct Section {
     pub title: String,
     /// How it was measured.
