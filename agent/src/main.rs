@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     stoker_registry::install_crypto_provider();
+    stoker_agent::containerd_check::log_containerd_config(&config.snapshotter_socket);
     // Before the first fetcher creates its instruments on the global meter.
     if let Some(addr) = config.metrics_addr {
         let exporter = stoker_telemetry::install().context("installing the metrics exporter")?;
@@ -202,6 +203,7 @@ fn registry_client(config: &Config) -> anyhow::Result<stoker_registry::RegistryC
     let request_timeout = std::time::Duration::from_secs(config.timeouts.request_secs);
     let registry_config = stoker_registry::RegistryConfig {
         insecure_hosts: config.registry.insecure.clone(),
+        mirrors: config.registry.mirrors.clone(),
         docker_config: config
             .registry
             .docker_config
