@@ -47,14 +47,15 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The fault-injection suite (also part of `make test`): registry-client faults, reads
-# through a real FUSE mount with a fault proxy in front of a real registry, and the agent
-# killed with SIGKILL and restarted. Prints the recovery table (fault cleared → first
-# correct read) the lazyfs tests report as `RECOVERY | scenario | ms` lines.
+# through a real FUSE mount with a fault proxy in front of a real registry, the agent
+# killed with SIGKILL and restarted, and no credential in the agent's logs or metrics.
+# Prints the recovery table (fault cleared → first correct read) the lazyfs tests report
+# as `RECOVERY | scenario | ms` lines.
 test-faults: deps
 	@log="$${TMPDIR:-/tmp}/stoker-test-faults.log"; : >"$$log"; \
 	$(CARGO) test -p stoker-registry --test faults 2>&1 | tee -a "$$log"; \
 	$(CARGO) test -p stoker-lazyfs --test faults -- --nocapture --test-threads=3 2>&1 | tee -a "$$log"; \
-	$(CARGO) test -p stoker-agent --test lazy_e2e -- --nocapture 2>&1 | tee -a "$$log"; \
+	$(CARGO) test -p stoker-agent --test lazy_e2e --test credentials -- --nocapture 2>&1 | tee -a "$$log"; \
 	echo; echo "Recovery after the fault clears (full log: $$log)"; \
 	grep -ho 'RECOVERY | [^|]* | [0-9.]*' "$$log" | awk -F' [|] ' '{ printf "  %-45s %8s ms\n", $$2, $$3 }'
 
