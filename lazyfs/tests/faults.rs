@@ -275,7 +275,9 @@ impl Fixture {
     /// Reads `relative` until it is correct; prints the time since `cleared`.
     fn assert_recovers(&self, scenario: &str, relative: &str, cleared: Instant) {
         let mut last = Ok(());
+        let mut attempts = 0;
         let recovered = wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
+            attempts += 1;
             last = self.read(relative);
             last.is_ok()
         });
@@ -284,6 +286,7 @@ impl Fixture {
             "{scenario}: {relative} still fails after the fault cleared: {last:?}"
         );
         report_recovery(scenario, cleared.elapsed());
+        eprintln!("{scenario}: correct on read attempt {attempts} after the fault cleared");
     }
 
     /// The chunks of file `relative`, in file order.
