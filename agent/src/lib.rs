@@ -16,6 +16,7 @@
 //!   its registry;
 //! - [`server`]: serving gRPC services on unix sockets;
 //! - [`config`]: the agent's YAML configuration with defaults and `STOKER_*` overrides;
+//! - [`containerd_check`]: what containerd's configuration lacks for the agent, logged at start;
 //! - [`trace`]: startup traces recorded from the lazy mounts' first chunk accesses;
 //! - [`prefetch`]: the prefetch executor that warms the chunk cache from plans;
 //! - [`api_server`], [`tls`]: the agent API (`stoker.agent.v1`) on a unix socket and on
@@ -25,6 +26,7 @@
 
 pub mod api_server;
 pub mod config;
+pub mod containerd_check;
 pub mod lazy_mount;
 pub mod node_gate;
 pub mod prefetch;

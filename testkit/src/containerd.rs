@@ -105,6 +105,11 @@ impl TestContainerd {
         self.dir.path().join("containerd.log")
     }
 
+    /// The configuration file containerd was started with.
+    pub fn config_file(&self) -> PathBuf {
+        self.config_path()
+    }
+
     /// The snapshotter socket containerd was configured with.
     pub fn snapshotter_socket(&self) -> &Path {
         &self.snapshotter_socket
