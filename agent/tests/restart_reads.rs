@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -35,116 +35,175 @@ fn log_lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A converted image pulled through CRI into a containerd whose snapshotter is the
+/// real agent, and a container reading `/data/one` in a loop into `log`. Fields drop
+/// in order: containerd and the agent stop before the directories go.
+struct Env {
+    containerd: TestContainerd,
+    agent: AgentProcess,
+    image: String,
+    reader: String,
+    log: PathBuf,
+    _registry: TestRegistry,
+    _rt: tokio::runtime::Runtime,
+    _unmount: UnmountOnDrop,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn start(tag: &str) -> Env {
+        stoker_registry::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let unmount = UnmountOnDrop(dir.path().to_path_buf());
+        let registry = TestRegistry::start().expect("registry");
+        let (image, _) = push(
+            &registry,
+            dir.path(),
+            &three_layer_image(tag),
+            &format!("test/{tag}"),
+        );
+        let rt = runtime();
+        let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
+            plain_http: true,
+            docker_config: None,
+            ..Default::default()
+        })
+        .expect("registry client");
+        rt.block_on(async {
+            let (store, selector) = stoker_convert::ImageStore::registry(client, &image)?;
+            stoker_convert::convert(
+                &store,
+                &selector,
+                &stoker_convert::ConvertOptions::default(),
+            )
+            .await
+        })
+        .expect("stoker convert");
+
+        let state = dir.path().join("agent");
+        let agent = AgentProcess::start(&state, &dir.path().join("agent.sock"));
+        let containerd = TestContainerd::start(&agent.socket).expect("containerd");
+        containerd
+            .allow_plain_http(&registry.host())
+            .expect("hosts.toml");
+        rt.block_on(containerd.cri_pull_image(&image))
+            .expect("CRI pull");
+
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).expect("out dir");
+        let log = out.join("log");
+        let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+        // runc's state directory is shared by every containerd on the machine: a name
+        // of our own, removed at the end.
+        let reader = format!("{tag}-reader-{}", std::process::id());
+        containerd
+            .ctr(
+                CRI_NAMESPACE,
+                &[
+                    "run",
+                    "-d",
+                    "--snapshotter",
+                    "stoker",
+                    "--net-host",
+                    "--mount",
+                    &bind,
+                    &image,
+                    &reader,
+                    "sh",
+                    "-c",
+                    READ_LOOP,
+                ],
+            )
+            .unwrap_or_else(|e| panic!("start the reader: {e}\nagent log:\n{}", agent.log_text()));
+        assert!(
+            wait_until(DEADLINE, POLL, || {
+                log_lines(&log).iter().filter(|l| *l == "ok").count() >= 20
+            }),
+            "the reader did not read: {:?}",
+            log_lines(&log)
+        );
+        Env {
+            containerd,
+            agent,
+            image,
+            reader,
+            log,
+            _registry: registry,
+            _rt: rt,
+            _unmount: unmount,
+            _dir: dir,
+        }
+    }
+
+    /// Runs a new container reading every layer; returns when it printed them right.
+    fn new_container_reads(&self, name: &str) {
+        let out = self
+            .containerd
+            .run(
+                CRI_NAMESPACE,
+                &self.image,
+                &format!("{name}-{}", std::process::id()),
+                &["sh", "-c", READ_LAYERS],
+            )
+            .unwrap_or_else(|e| panic!("run {name}: {e}\nagent log:\n{}", self.agent.log_text()));
+        assert_eq!(out, EXPECTED);
+    }
+
+    /// Lets the reader go on for 50 more reads (or 20 s), stops it, and returns its
+    /// log from line `from` on, after asserting no read ever returned wrong bytes.
+    fn finish_reader(&self, from: usize) -> Vec<String> {
+        let target = log_lines(&self.log).len() + 50;
+        let _ = wait_until(Duration::from_secs(20), POLL, || {
+            log_lines(&self.log).len() >= target
+        });
+        for args in [
+            &["task", "kill", "-s", "SIGKILL", &self.reader][..],
+            &["task", "delete", "--force", &self.reader][..],
+            &["container", "delete", &self.reader][..],
+        ] {
+            let _ = self.containerd.ctr(CRI_NAMESPACE, args);
+        }
+        let lines = log_lines(&self.log);
+        let wrong: Vec<_> = lines.iter().filter(|l| l.starts_with("WRONG")).collect();
+        assert!(wrong.is_empty(), "the reader saw wrong bytes: {wrong:?}");
+        lines[from.min(lines.len())..].to_vec()
+    }
+}
+
+fn summary(after: &[String]) -> (usize, Vec<&String>) {
+    let oks = after.iter().filter(|l| *l == "ok").count();
+    let errors = after.iter().filter(|l| l.starts_with("ERR")).collect();
+    (oks, errors)
+}
+
+/// One write, so the line is not split by the test harness's own output.
+fn report_recovery(scenario: &str, elapsed: Duration) {
+    let line = format!(
+        "RECOVERY | {scenario} | {:.1}\n",
+        elapsed.as_secs_f64() * 1000.0
+    );
+    eprint!("{line}");
+}
+
 #[test]
 fn a_container_reading_in_a_loop_never_sees_wrong_bytes_across_an_agent_sigkill() {
     let test = "a_container_reading_in_a_loop_never_sees_wrong_bytes_across_an_agent_sigkill";
     if !containerd_tests_can_run(test) {
         return;
     }
-    stoker_registry::install_crypto_provider();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let _unmount = UnmountOnDrop(dir.path().to_path_buf());
-    let registry = TestRegistry::start().expect("registry");
-    let (image, _) = push(
-        &registry,
-        dir.path(),
-        &three_layer_image("restart"),
-        "test/restart",
-    );
-    let rt = runtime();
-    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
-        plain_http: true,
-        docker_config: None,
-        ..Default::default()
-    })
-    .expect("registry client");
-    rt.block_on(async {
-        let (store, selector) = stoker_convert::ImageStore::registry(client, &image)?;
-        stoker_convert::convert(
-            &store,
-            &selector,
-            &stoker_convert::ConvertOptions::default(),
-        )
-        .await
-    })
-    .expect("stoker convert");
-
-    let state = dir.path().join("agent");
-    let mut agent = AgentProcess::start(&state, &dir.path().join("agent.sock"));
-    let containerd = TestContainerd::start(&agent.socket).expect("containerd");
-    containerd
-        .allow_plain_http(&registry.host())
-        .expect("hosts.toml");
-    rt.block_on(containerd.cri_pull_image(&image))
-        .expect("CRI pull");
-
-    let out = dir.path().join("out");
-    std::fs::create_dir(&out).expect("out dir");
-    let log = out.join("log");
-    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
-    // runc's state directory is shared by every containerd on the machine: a name of
-    // our own, removed at the end.
-    let reader = format!("reader-{}", std::process::id());
-    containerd
-        .ctr(
-            CRI_NAMESPACE,
-            &[
-                "run",
-                "-d",
-                "--snapshotter",
-                "stoker",
-                "--net-host",
-                "--mount",
-                &bind,
-                &image,
-                &reader,
-                "sh",
-                "-c",
-                READ_LOOP,
-            ],
-        )
-        .unwrap_or_else(|e| panic!("start the reader: {e}\nagent log:\n{}", agent.log_text()));
-    assert!(
-        wait_until(DEADLINE, POLL, || {
-            log_lines(&log).iter().filter(|l| *l == "ok").count() >= 20
-        }),
-        "the reader did not read: {:?}",
-        log_lines(&log)
-    );
-
-    let before_kill = log_lines(&log).len();
-    agent.kill9();
+    let mut env = Env::start("agentkill");
+    let before_kill = log_lines(&env.log).len();
+    env.agent.kill9();
     let killed = Instant::now();
-    agent.restart();
-    containerd
+    env.agent.restart();
+    env.containerd
         .wait_for_snapshotter(DEADLINE)
         .expect("containerd reconnects");
     // A new container reads every layer once the agent is back.
-    let out_new = containerd
-        .run(
-            CRI_NAMESPACE,
-            &image,
-            "after-restart",
-            &["sh", "-c", READ_LAYERS],
-        )
-        .unwrap_or_else(|e| panic!("run after restart: {e}\nagent log:\n{}", agent.log_text()));
-    assert_eq!(out_new, EXPECTED);
+    env.new_container_reads("after-agent-restart");
     let recovered = killed.elapsed();
-    // Let the old reader go on for a while after the restart.
-    let target = log_lines(&log).len() + 50;
-    let _ = wait_until(Duration::from_secs(20), POLL, || {
-        log_lines(&log).len() >= target
-    });
-    let _ = containerd.ctr(CRI_NAMESPACE, &["task", "kill", "-s", "SIGKILL", &reader]);
-    let _ = containerd.ctr(CRI_NAMESPACE, &["task", "delete", "--force", &reader]);
-    let _ = containerd.ctr(CRI_NAMESPACE, &["container", "delete", &reader]);
-
-    let lines = log_lines(&log);
-    let wrong: Vec<_> = lines.iter().filter(|l| l.starts_with("WRONG")).collect();
-    assert!(wrong.is_empty(), "the reader saw wrong bytes: {wrong:?}");
-    let after = &lines[before_kill.min(lines.len())..];
-    let errors: Vec<_> = after.iter().filter(|l| l.starts_with("ERR")).collect();
-    let oks = after.iter().filter(|l| *l == "ok").count();
+    let after = env.finish_reader(before_kill);
+    let (oks, errors) = summary(&after);
     eprintln!(
         "running container across agent SIGKILL + restart: {oks} correct reads, {} failed reads after the kill{}",
         errors.len(),
@@ -153,10 +212,33 @@ fn a_container_reading_in_a_loop_never_sees_wrong_bytes_across_an_agent_sigkill(
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default()
     );
-    // One write, so the line is not split by the test harness's own output.
-    let line = format!(
-        "RECOVERY | agent SIGKILL, new container reads | {:.1}\n",
-        recovered.as_secs_f64() * 1000.0
+    report_recovery("agent SIGKILL, new container reads", recovered);
+}
+
+#[test]
+fn a_container_reading_in_a_loop_sees_no_error_while_containerd_restarts() {
+    let test = "a_container_reading_in_a_loop_sees_no_error_while_containerd_restarts";
+    if !containerd_tests_can_run(test) {
+        return;
+    }
+    let mut env = Env::start("ctrdrestart");
+    let before = log_lines(&env.log).len();
+    let restarted = Instant::now();
+    env.containerd.restart().expect("restart containerd");
+    env.containerd
+        .wait_for_snapshotter(DEADLINE)
+        .expect("containerd reaches the agent again");
+    env.new_container_reads("after-containerd-restart");
+    let recovered = restarted.elapsed();
+    let after = env.finish_reader(before);
+    let (oks, errors) = summary(&after);
+    // The agent and its FUSE session do not depend on containerd: running
+    // containers keep reading through the restart.
+    assert!(
+        errors.is_empty(),
+        "the running container saw errors while containerd restarted: {errors:?}"
     );
-    eprint!("{line}");
+    assert!(oks > 0, "the reader kept reading");
+    eprintln!("running container across a containerd restart: {oks} correct reads, no error");
+    report_recovery("containerd restarted, new container reads", recovered);
 }
