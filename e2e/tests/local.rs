@@ -7,12 +7,14 @@
 //!   snapshotter (separate state, chunk cache, sockets), the agent API on TCP with
 //!   mutual TLS (node 1 on 127.0.0.1, node 2 on 127.0.0.2, same port);
 //! - the controller's side: its gRPC client (`GrpcAgents`, certificates generated
-//!   here) and its learning code (`learning::trace_from_agent`, `fold_trace`, which
-//!   merges with `Plan::merge`).
+//!   here), its learning code (`learning::trace_from_agent`, `fold_trace`, which
+//!   merges with `Plan::merge`, and the status encoding) and its `Warmer`.
 //!
 //! 1. Learn: the image is pulled through CRI on node 1 and a container runs; the
 //!    controller collects the startup trace from agent 1 and merges it into a plan.
-//! 2. Warm: the controller pushes the plan to agent 2 and waits for `Done`.
+//! 2. Warm: the plan goes through the controller's status encoding, and its warmer
+//!    pushes it to agent 2 (`Prefetch`) until the node is warm; the agent reports
+//!    `Done` with every chunk and byte of the plan.
 //! 3. Start: the same container runs on node 2, prints the right output, and the
 //!    registry's log shows no request for a chunk blob from pull to exit.
 //!
@@ -28,7 +30,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use stoker_api::agent::{PrefetchProgress, PrefetchRequest, PrefetchState};
 use stoker_controller::agents::{AgentApi, AgentDirectory, AgentTlsFiles, GrpcAgents};
+use stoker_controller::candidates::PodScheduling;
 use stoker_controller::learning;
+use stoker_controller::warmer::{PlanPush, PushState, Target, TargetKey, Warmer, WarmerConfig};
 use stoker_testkit::containerd::{
     AgentProcess, CRI_NAMESPACE, TestContainerd, host_binary_entries, workspace_binary,
 };
@@ -274,7 +278,7 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
     }
     .load()
     .expect("client TLS");
-    let agents = GrpcAgents::new(directory, port, Some(tls));
+    let agents = Arc::new(GrpcAgents::new(directory, port, Some(tls)));
 
     // 1. Learn on node 1: a container starts lazily and leaves its startup trace.
     let out = node1.pull_and_run(&rt, &image, "learn-1");
@@ -316,9 +320,57 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
     assert_eq!(learned.plan.index_digest.to_string(), report.index_digest);
     assert!(!learned.plan.chunks.is_empty());
 
-    // 2. Warm node 2 from the plan, before anything of the image is there.
+    // 2. Warm node 2: the plan as the controller keeps it (ImagePrefetch status),
+    // pushed by the controller's warmer through its gRPC client, until Warm.
+    let status_plan = learning::encode_for_status(&learned.plan, 40 << 10).expect("status plan");
+    assert!(!status_plan.truncated);
+    let plan = learning::decode_from_status(&status_plan.base64).expect("plan from status");
+    assert_eq!(plan, learned.plan);
+    let push = PlanPush {
+        image: image.clone(),
+        index_digest: report.index_digest.clone(),
+        plan: plan.encode().expect("encode plan").into(),
+        background_rest: false,
+    };
     registry.clear_requests();
-    let plan_bytes = learned.plan.encode().expect("encode plan");
+    rt.block_on(async {
+        let warmer = Warmer::new(agents.clone(), WarmerConfig::default());
+        let node = serde_json::from_value(serde_json::json!({"metadata": {"name": node2.name}}))
+            .expect("Node object");
+        warmer.node_applied(&node);
+        let key = TargetKey::new("app").within("e2e");
+        warmer.set_target(
+            &key,
+            Target {
+                placements: vec![PodScheduling::default()],
+                plans: vec![push.clone()],
+                gate: true,
+                warm_timeout_seconds: 600,
+                ..Target::default()
+            },
+        );
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match warmer.push_state(node2.name, push.revision()) {
+                Some(PushState::Warm) => break,
+                Some(PushState::Failed { message, .. }) => {
+                    panic!(
+                        "pushing the plan to node 2 failed: {message}\n{}",
+                        node2.logs()
+                    )
+                }
+                state => assert!(
+                    Instant::now() < deadline,
+                    "node 2 not warm: {state:?}\n{}",
+                    node2.logs()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let counts = warmer.counts(&key);
+        assert_eq!((counts.total, counts.warm, counts.failed), (1, 1, 0));
+    });
+    // The agent's progress for the same plan: Done at once, every chunk and byte.
     let last = rt.block_on(async {
         let mut progress = agents
             .prefetch(
@@ -326,7 +378,7 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
                 PrefetchRequest {
                     image_ref: image.clone(),
                     index_digest: report.index_digest.clone(),
-                    plan: plan_bytes,
+                    plan: push.plan.to_vec(),
                     background_rest: false,
                 },
             )
