@@ -16,6 +16,9 @@ use stoker_testkit::registry::TestRegistry;
 use crate::images::{MlImageSize, ml_image};
 use crate::report::{Section, mb};
 
+/// A larger coalescing limit, to show what a hot blob allows.
+const LARGE_RANGE: u64 = 32 << 20;
+
 /// What warming one plan cost.
 struct Warm {
     requests: u64,
@@ -61,6 +64,7 @@ async fn warm(
     store: &ImageStore,
     index: &Index,
     plan: &Plan,
+    config: FetchConfig,
 ) -> anyhow::Result<Warm> {
     let ImageStore::Registry { repository, .. } = store else {
         anyhow::bail!("the layout bench needs a registry");
@@ -68,7 +72,7 @@ async fn warm(
     let cache_dir = tempfile::tempdir()?;
     let cache = ChunkCache::open(cache_dir.path(), 64 << 30)?;
     let source = Arc::new(RegistrySource::new(client()?, repository.clone()));
-    let fetcher = Fetcher::new(source, cache, FetchConfig::default());
+    let fetcher = Fetcher::new(source, cache, config);
     let wanted = plan
         .chunks
         .iter()
@@ -143,8 +147,33 @@ pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
         .context("no re-bound plan in the report")?;
 
     eprintln!("bench layout: warming from the plan");
-    let cold = warm(&registry, &store, &normal_index, &plan).await?;
-    let hot = warm(&registry, &store, &laid_out_index, &rebound).await?;
+    let cold = warm(
+        &registry,
+        &store,
+        &normal_index,
+        &plan,
+        FetchConfig::default(),
+    )
+    .await?;
+    let hot = warm(
+        &registry,
+        &store,
+        &laid_out_index,
+        &rebound,
+        FetchConfig::default(),
+    )
+    .await?;
+    let hot_large_ranges = warm(
+        &registry,
+        &store,
+        &laid_out_index,
+        &rebound,
+        FetchConfig {
+            max_coalesce_bytes: LARGE_RANGE,
+            ..FetchConfig::default()
+        },
+    )
+    .await?;
 
     let mut section = Section::new(
         "Layout by trace (`stoker convert --plan`)",
@@ -195,6 +224,17 @@ pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
         ),
         format!("{:.2}×", cold.bytes as f64 / hot.bytes.max(1) as f64),
         format!("{:.2}×", cold.seconds / hot.seconds.max(1e-9)),
+    ]);
+    section.row(vec![
+        format!(
+            "trace-ordered, ranges up to {} MiB (not the default)",
+            LARGE_RANGE >> 20
+        ),
+        "-".into(),
+        hot_large_ranges.requests.to_string(),
+        hot_large_ranges.registry_gets.to_string(),
+        mb(hot_large_ranges.bytes),
+        format!("{:.3} s", hot_large_ranges.seconds),
     ]);
     section.note(
         "The normal layout bridges gaps between nearby small chunks, so it downloads chunks the \
