@@ -331,3 +331,51 @@ async fn a_plan_of_another_image_is_refused() {
         referrers_before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_platform_the_plan_belongs_to_is_laid_out() {
+    let test = "only_the_platform_the_plan_belongs_to_is_laid_out";
+    if !have_registry_tools(test) {
+        return;
+    }
+    let registry = TestRegistry::start().expect("registry");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    image::write_multi_platform_layout(&layout, "multi", &image::multi_platform_images()).unwrap();
+    let reference = push(&layout, "multi", &registry, "test/multi-layout");
+    let (store, selector) = ImageStore::registry(plain_client(), &reference).unwrap();
+    let reports = convert(&store, &selector, &options(None)).await.unwrap();
+    assert!(reports.len() >= 2);
+    let arm = reports
+        .iter()
+        .find(|r| r.platform.as_deref() == Some("linux/arm64"))
+        .expect("an arm64 platform");
+    let arm_index = index_of(&store, &arm.index_digest).await;
+    let plan = Plan {
+        index_digest: Digest::parse(&arm.index_digest).unwrap(),
+        chunks: (0..arm_index.chunk_count()).rev().collect(),
+    };
+
+    let laid_out = convert(&store, &selector, &options(Some(plan.clone())))
+        .await
+        .expect("convert with the arm64 plan");
+    assert_eq!(laid_out.len(), 1, "only the plan's platform is converted");
+    assert_eq!(laid_out[0].platform.as_deref(), Some("linux/arm64"));
+    assert_eq!(laid_out[0].source_manifest, arm.source_manifest);
+    let index = index_of(&store, &laid_out[0].index_digest).await;
+    let rebound = laid_out[0].layout_plan.clone().unwrap();
+    assert_eq!(
+        plan_digests(&index, &rebound),
+        plan_digests(&arm_index, &plan)
+    );
+    // The whole image is the plan here: one blob, in reverse table order.
+    assert_eq!(index.blob_count(), 1);
+    let blobs = all_blobs(&store, &index).await;
+    snapshot_of_index(&arm_index, &all_blobs(&store, &arm_index).await)
+        .assert_same(&snapshot_of_index(&index, &blobs), 40);
+    // Other platforms keep their one artifact.
+    for report in reports.iter().filter(|r| r.platform != arm.platform) {
+        let subject = Digest::parse(&report.source_manifest).unwrap();
+        assert_eq!(store.referrers(&subject).await.unwrap().len(), 1);
+    }
+}
