@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND := noninteractive
 CARGO ?= cargo
 
 # Real components the tests run on loopback (see docs and testkit/).
-APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq
+APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq debootstrap
 
 .PHONY: all deps build test lint bench demo fuzz-smoke test-faults
 
@@ -57,7 +57,7 @@ test-faults: deps
 	$(CARGO) test -p stoker-lazyfs --test faults -- --nocapture --test-threads=3 2>&1 | tee -a "$$log"; \
 	$(CARGO) test -p stoker-agent --test lazy_e2e --test restart_reads --test prefetch_kill --test start_registry_down --test credentials -- --nocapture 2>&1 | tee -a "$$log"; \
 	echo; echo "Recovery after the fault clears (full log: $$log)"; \
-	grep -ho 'RECOVERY | [^|]* | [0-9.]*' "$$log" | awk -F' [|] ' '{ printf "  %-45s %8s ms\n", $$2, $$3 }'
+	grep -ho 'RECOVERY | [^|]* | [0-9.]*' "$$log" | awk -F' [|] ' '{ printf "  %-75s %8s ms\n", $$2, $$3 }'
 
 # Runs every benchmark section side by side and writes BENCHMARKS.md.
 # BENCH_ARGS="--quick" for a short run, "--sections convert" for one section.
