@@ -5,8 +5,10 @@
 //!
 //! - a proxy plugin of type `snapshot` whose `address` is the agent's snapshotter
 //!   socket, e.g. `[proxy_plugins.stoker] type = "snapshot", address = "/run/stoker/snapshotter.sock"`;
-//! - for Kubernetes, CRI set to use that snapshotter and to pass the image labels
-//!   remote snapshotters need: `snapshotter = "stoker"` and
+//! - for Kubernetes, CRI set to use that snapshotter — as its default, or in a
+//!   runtime handler's table for the pods of one RuntimeClass (what kind-config
+//!   does) — and to pass the image labels remote snapshotters need:
+//!   `snapshotter = "stoker"` and
 //!   `disable_snapshot_annotations = false` (containerd's default is `true`), under
 //!   `[plugins."io.containerd.grpc.v1.cri".containerd]` (config version 2, containerd
 //!   1.x) or `[plugins."io.containerd.cri.v1.images"]` (version 3, containerd 2.x);
@@ -32,6 +34,8 @@ pub const CONTAINERD_CONFIG_ENV: &str = "STOKER_CONTAINERD_CONFIG";
 const CRI_V2: &str = "io.containerd.grpc.v1.cri";
 /// The CRI image plugin's table in config version 3 (containerd 2.x).
 const CRI_IMAGES_V3: &str = "io.containerd.cri.v1.images";
+/// The CRI runtime plugin's table in config version 3 (runtime handlers).
+const CRI_RUNTIME_V3: &str = "io.containerd.cri.v1.runtime";
 
 /// One thing missing or wrong in containerd's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,13 +299,36 @@ fn check_text_config(config: &Table, name: &str, expected: &Expected<'_>) -> Vec
     let configured = cri
         .and_then(|c| c.get("snapshotter"))
         .and_then(Item::as_str);
-    if configured != Some(snapshotter.as_str()) {
+    // Or per runtime handler (containerd 1.7+): pods of a RuntimeClass with that
+    // handler use it, others keep the default snapshotter.
+    let runtimes = if version == 3 {
+        plugins
+            .and_then(|p| p.get(CRI_RUNTIME_V3))
+            .and_then(|r| r.get("containerd"))
+    } else {
+        cri
+    }
+    .and_then(|c| c.get("runtimes"))
+    .and_then(Item::as_table_like);
+    let handlers: Vec<&str> = runtimes
+        .into_iter()
+        .flat_map(|r| r.iter())
+        .filter(|(_, runtime)| {
+            runtime.get("snapshotter").and_then(Item::as_str) == Some(snapshotter.as_str())
+        })
+        .map(|(handler, _)| handler)
+        .collect();
+    if configured != Some(snapshotter.as_str()) && handlers.is_empty() {
         findings.push(Finding {
             problem: format!(
-                "{name}: CRI uses the snapshotter {:?}, not {snapshotter:?}: pods would not start lazily",
+                "{name}: CRI uses the snapshotter {:?} and no runtime handler uses {snapshotter:?}: \
+                 pods would not start lazily",
                 configured.unwrap_or("overlayfs (the default)")
             ),
-            fix: format!("[{table_path}]\n  snapshotter = \"{snapshotter}\""),
+            fix: format!(
+                "[{table_path}]\n  snapshotter = \"{snapshotter}\"\n(or, for pods of one \
+                 RuntimeClass, snapshotter = \"{snapshotter}\" in its runtime handler's table)"
+            ),
         });
     }
     let annotations_off = cri
@@ -413,7 +440,7 @@ disabled_plugins = []
         assert!(
             findings[1]
                 .problem
-                .contains("\"overlayfs\", not \"stoker\"")
+                .contains("\"overlayfs\" and no runtime handler uses \"stoker\"")
         );
         assert!(
             findings[1]
@@ -527,6 +554,35 @@ version = 2
         let findings = check_config(&main, &expected());
         assert_eq!(findings.len(), 1, "{findings:#?}");
         assert!(findings[0].problem.contains("20-broken.toml"));
+    }
+
+    #[test]
+    fn a_runtime_handler_with_the_snapshotter_is_enough() {
+        // kind-config/cluster.yaml's patch: CRI's default stays overlayfs, the
+        // `stoker` RuntimeClass handler uses the Stoker snapshotter.
+        let text = r#"
+version = 2
+[proxy_plugins.stoker]
+  type = "snapshot"
+  address = "/run/stoker/snapshotter.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.stoker]
+  runtime_type = "io.containerd.runc.v2"
+  snapshotter = "stoker"
+"#;
+        assert_eq!(problems(text), Vec::<String>::new());
+        let v3 = r#"
+version = 3
+[proxy_plugins.stoker]
+  type = "snapshot"
+  address = "/run/stoker/snapshotter.sock"
+[plugins.'io.containerd.cri.v1.images']
+  disable_snapshot_annotations = false
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.stoker]
+  snapshotter = "stoker"
+"#;
+        assert_eq!(problems(v3), Vec::<String>::new());
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn the_agent_names_what_containerds_configuration_lacks() {
     let socket = state.join("snapshotter.sock").display().to_string();
     for expected in [
         format!("no proxy plugin points at the agent's snapshotter socket {socket}"),
-        "CRI uses the snapshotter \"overlayfs\", not \"stoker\"".to_string(),
+        "CRI uses the snapshotter \"overlayfs\" and no runtime handler uses \"stoker\"".to_string(),
         "disable_snapshot_annotations is not set".to_string(),
         "[proxy_plugins.stoker]".to_string(),
     ] {
