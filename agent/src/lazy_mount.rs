@@ -3,7 +3,10 @@
 //!
 //! For each image it mounts:
 //! 1. the index blob (named by the digest the resolver found) is read from the
-//!    image's repository and verified against that digest before it is decoded;
+//!    node's index directory, or else from the image's repository, and verified
+//!    against that digest before it is decoded; a fetched index is kept in the
+//!    index directory (written to a temporary file, then renamed), so that an
+//!    agent restart re-mounts its images without asking the registry;
 //! 2. a [`Fetcher`] reads the image's chunk blobs from the same repository with
 //!    ranged GETs into the node's one [`ChunkCache`], shared by every image;
 //! 3. [`stoker_lazyfs::mount`] serves the index at the mountpoint.
@@ -57,6 +60,8 @@ pub struct RegistryLazyMounter {
     cache: ChunkCache,
     fetch_config: FetchConfig,
     mount_options: MountOptions,
+    /// Verified index blobs by digest (`<dir>/<hex>`); `None`: always fetched.
+    index_dir: Option<PathBuf>,
     mounted: Mutex<HashMap<PathBuf, MountedLazyImage>>,
 }
 
@@ -73,8 +78,48 @@ impl RegistryLazyMounter {
             cache,
             fetch_config,
             mount_options,
+            index_dir: None,
             mounted: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps verified index blobs in `dir` and reads them from there first.
+    pub fn with_index_dir(mut self, dir: PathBuf) -> RegistryLazyMounter {
+        self.index_dir = Some(dir);
+        self
+    }
+
+    /// The index blob `digest`, verified and decoded: from the index directory
+    /// when it holds a good copy, else from the registry (then kept).
+    async fn load_index(&self, store: &ImageStore, digest: &Digest) -> Result<Index, String> {
+        let kept = self.index_dir.as_ref().map(|dir| dir.join(digest.hex()));
+        if let Some(path) = &kept {
+            match std::fs::read(path) {
+                Ok(bytes) => match Index::decode_verified(&bytes, digest) {
+                    Ok(index) => return Ok(index),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "kept index fails its check; fetching it again");
+                        let _ = std::fs::remove_file(path);
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "reading kept index; fetching it again")
+                }
+            }
+        }
+        let bytes = store
+            .blob(digest)
+            .await
+            .map_err(|e| format!("reading index {digest}: {e}"))?;
+        let index =
+            Index::decode_verified(&bytes, digest).map_err(|e| format!("index {digest}: {e}"))?;
+        if let Some(path) = &kept
+            && let Err(e) = keep_file(path, &bytes)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "keeping the index on disk");
+        }
+        Ok(index)
     }
 
     /// The node's chunk cache.
@@ -114,13 +159,11 @@ impl RegistryLazyMounter {
             .map_err(|e| failed(format!("index digest {:?}: {e}", image.index_digest)))?;
         let (store, _) = ImageStore::registry(self.client.clone(), &image.image_ref)
             .map_err(|e| failed(e.to_string()))?;
-        let index_bytes = store
-            .blob(&index_digest)
-            .await
-            .map_err(|e| failed(format!("reading index {index_digest}: {e}")))?;
-        let index = Index::decode_verified(&index_bytes, &index_digest)
-            .map_err(|e| failed(format!("index {index_digest}: {e}")))?;
-        let index = Arc::new(index);
+        let index = Arc::new(
+            self.load_index(&store, &index_digest)
+                .await
+                .map_err(failed)?,
+        );
         let repository = stoker_registry::parse_reference(&image.image_ref)
             .map_err(|e| failed(e.to_string()))?;
         let fetcher = Fetcher::new(
@@ -211,4 +254,18 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, then
+/// renames it, so that `path` is either absent or complete.
+fn keep_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.partial", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temporary);
+    })
 }

@@ -78,12 +78,16 @@ async fn main() -> anyhow::Result<()> {
         max_prefetch_in_flight: config.prefetch.concurrency as usize,
         ..stoker_fetch::FetchConfig::default()
     };
-    let lazy_mounter = Arc::new(RegistryLazyMounter::new(
-        registry.clone(),
-        cache.clone(),
-        fetch_config.clone(),
-        stoker_lazyfs::MountOptions::default(),
-    ));
+    // Indexes are kept on disk, so a restart re-mounts without the registry.
+    let lazy_mounter = Arc::new(
+        RegistryLazyMounter::new(
+            registry.clone(),
+            cache.clone(),
+            fetch_config.clone(),
+            stoker_lazyfs::MountOptions::default(),
+        )
+        .with_index_dir(config.state_dir.join("indexes")),
+    );
     let traces = Arc::new(
         Traces::open(&config.trace_dir(), config.trace_options())
             .context("opening the trace directory")?,
