@@ -2,6 +2,7 @@
 //! side on this machine, prints ratios, and writes BENCHMARKS.md with the
 //! machine and the method.
 
+mod controller_sim;
 mod convert_bench;
 mod demo;
 mod fuse_bench;
@@ -37,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let mut sections = Vec::new();
     for name in &args.sections {
         let section = match name.as_str() {
+            "controller" => controller_sim::run(args.quick)?,
             "convert" => convert_bench::run(size).await?,
             "demo" => demo::run(size).await?,
             "layout" => layout_bench::run(size).await?,
