@@ -92,7 +92,7 @@ pub fn table(result: &DemoResult) -> Section {
         &format!(
             "A generated ML-like image of {} ({} compressed), run with `ctr run` on a fresh containerd \
              each time. Its start script reads a tenth of the Python modules, an eighth of the \
-             libraries, the head of a weight file), then prints one line. `full pull`: `ctr images pull` \
+             libraries and the head of a weight file, then prints one line. `full pull`: `ctr images pull` \
              into containerd's overlayfs snapshotter. `stoker lazy`: CRI PullImage through the Stoker \
              snapshotter, empty chunk cache. `stoker warmed`: another node, its agent first warmed \
              through the agent API with the plan learned from the lazy start's trace ({} chunks, {}). \
