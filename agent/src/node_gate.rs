@@ -10,8 +10,9 @@
 //! - a node whose warm target lists no plan is untainted at once;
 //! - a node whose listed plans are all done is untainted, `StokerWarm=True`;
 //! - when the target's timeout (or, while the controller has written no
-//!   target, [`GateOptions::default_timeout`]) passes, it is untainted anyway,
-//!   `StokerWarm=False` with reason `WarmTimeout`.
+//!   target, [`GateOptions::default_timeout`]) passes, counted from the Node's
+//!   creation or the agent's start, whichever is earlier, it is untainted
+//!   anyway, `StokerWarm=False` with reason `WarmTimeout`.
 //!
 //! Failed writes are retried with exponential backoff, and watch errors (API
 //! server unreachable, 5xx) are retried by the watcher's own backoff, so the
@@ -103,7 +104,7 @@ pub async fn run(
     options: GateOptions,
     shutdown: CancellationToken,
 ) -> GateEnd {
-    let started = Instant::now();
+    let agent_started = Instant::now();
     let nodes: Api<Node> = Api::all(client.clone());
     let selected = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let mut events = watcher(nodes, selected).default_backoff().boxed();
@@ -115,13 +116,9 @@ pub async fn run(
     loop {
         let mut wake_at = None;
         if let Some(current) = &node {
+            let waited = waited(current, agent_started);
             let finished: HashSet<String> = done.borrow().iter().map(Digest::to_string).collect();
-            match warm_gate::decide(
-                current,
-                &finished,
-                started.elapsed(),
-                options.default_timeout,
-            ) {
+            match warm_gate::decide(current, &finished, waited, options.default_timeout) {
                 GateDecision::NotGated => {
                     info!(
                         node = node_name,
@@ -134,8 +131,11 @@ pub async fn run(
                         info!(node = node_name, "the node is gated: waiting for its plans");
                         waiting_logged = true;
                     }
-                    wake_at =
-                        Some(started + warm_gate::warm_timeout(current, options.default_timeout));
+                    wake_at = Some(
+                        Instant::now()
+                            + warm_gate::warm_timeout(current, options.default_timeout)
+                                .saturating_sub(waited),
+                    );
                 }
                 GateDecision::Lift {
                     warm,
@@ -195,6 +195,21 @@ pub async fn run(
             () = wake => {}
         }
     }
+}
+
+/// How long the node has been gated: since the Node was created (so that an
+/// agent restarted while its node is gated does not start the timeout over),
+/// or since this agent started, whichever is longer.
+fn waited(node: &Node, agent_started: Instant) -> Duration {
+    let age = node
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|created| {
+            Duration::try_from(k8s_openapi::jiff::Timestamp::now().duration_since(created.0)).ok()
+        })
+        .unwrap_or_default();
+    age.max(agent_started.elapsed())
 }
 
 fn backoff(options: &GateOptions, failures: u32) -> Duration {
@@ -510,6 +525,25 @@ mod tests {
                 reason: "WarmTimeout"
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timeout_counts_from_the_nodes_creation_across_agent_restarts() {
+        let mut gate = start_gate();
+        // Gated for 20 minutes already (a previous agent died): past the 300 s.
+        let mut gated = node(true, Some(&[digest(1)]), "1");
+        gated.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now()
+                    - k8s_openapi::jiff::SignedDuration::from_secs(1200),
+            ));
+        expect_list(&mut gate.api).await.json(200, &list_of(&gated));
+        // Decided on the listed node, before any watch.
+        expect_lift(&mut gate.api, "False", "WarmTimeout", &gated).await;
+        assert!(matches!(
+            gate.task.await.expect("task"),
+            GateEnd::Lifted { warm: false, .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
