@@ -27,6 +27,14 @@
 //! Dropping the value kills containerd and the shims it started (found by their
 //! `-address` argument), then lazily unmounts whatever is still mounted under the
 //! temporary directory and removes it.
+//!
+//! # Nodes
+//!
+//! [`AgentProcess`] runs the `stoker-agent` binary ([`workspace_binary`] finds it in
+//! cargo's target directory) with its state, chunk cache and sockets under one
+//! directory; with a [`TestContainerd`] pointed at its snapshotter socket it stands in
+//! for one node (the local e2e test and `make demo` run several side by side).
+//! [`host_binary_entries`] makes images runnable with host binaries (`sh`, `cat`).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
