@@ -5,6 +5,7 @@
 #   make build       build every crate and target
 #   make test        deps + all tests (tests that need root/FUSE/containerd run for real as root)
 #   make lint        rustfmt check + clippy with warnings as errors
+#   make crds        regenerate manifests/crds/ from the CRD types
 #   make bench       benchmarks (BENCHMARKS.md)
 #   make demo        end-to-end demo
 #   make fuzz-smoke  fixed-length fuzzing run of every cargo-fuzz target (fuzz/README.md)
@@ -18,7 +19,7 @@ CARGO ?= cargo
 # Real components the tests run on loopback (see docs and testkit/).
 APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq
 
-.PHONY: all deps build test lint bench demo fuzz-smoke test-faults
+.PHONY: all deps build test lint bench demo fuzz-smoke test-faults crds
 
 all: build
 
@@ -41,6 +42,10 @@ build:
 
 test: deps
 	$(CARGO) test --workspace
+
+# Regenerates manifests/crds/ from the Rust types (a test fails while it is stale).
+crds:
+	$(CARGO) run -q -p stoker-crds --bin crdgen
 
 lint:
 	$(CARGO) fmt --all -- --check
