@@ -283,13 +283,17 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
     // 1. Learn on node 1: a container starts lazily and leaves its startup trace.
     let out = node1.pull_and_run(&rt, &image, "learn-1");
     assert_eq!(out, GREETING);
-    // The controller reports the pod Ready, which closes its container's window. The
-    // agent does not yet tie a mount's trace to its container (the snapshotter does
-    // not claim it), so today the window closes at its timeout instead.
+    // The controller reports the pod Ready, which closes its container's window (the
+    // snapshotter gave the mount's window to the container when it prepared the
+    // container's snapshot, keyed by the container ID).
     let closed_early = rt
         .block_on(async { agents.container_ready(node1.name, "learn-1").await })
         .unwrap_or_else(|e| panic!("ContainerReady on node 1: {e}\n{}", node1.logs()));
-    eprintln!("ContainerReady closed the startup window: {closed_early}");
+    assert!(
+        closed_early,
+        "ContainerReady found no startup window of learn-1\n{}",
+        node1.logs()
+    );
     let trace_id = rt.block_on(async {
         let deadline = Instant::now() + DEADLINE;
         loop {

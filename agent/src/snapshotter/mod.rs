@@ -463,7 +463,16 @@ impl Snapshotter {
             remote: None,
         })?;
         match self.make_dirs_and_mounts(&record).await {
-            Ok(mounts) => Ok(mounts),
+            Ok(mounts) => {
+                if kind == SnapshotKind::Active
+                    && let Ok((_, Some(image))) = self.lower_dirs(&record)
+                {
+                    // containerd names it `<namespace>/<n>/<container ID>`.
+                    let container_id = key.rsplit_once('/').map_or(key, |(_, id)| id);
+                    self.mounter.container_prepared(&image, container_id);
+                }
+                Ok(mounts)
+            }
             Err(error) => {
                 // Undo: a failed Prepare must leave nothing behind.
                 if let Err(e) = self.store.remove(key) {

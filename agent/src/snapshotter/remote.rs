@@ -86,6 +86,11 @@ pub trait LazyMounter: Send + Sync {
         image: &'a LazyImage,
         mountpoint: &'a Path,
     ) -> BoxFuture<'a, Result<(), AgentError>>;
+
+    /// A container's writable snapshot was prepared on `image`. `container_id` is the
+    /// last element of the active snapshot's key, which containerd sets to
+    /// `<namespace>/<n>/<container ID>`. Default: nothing.
+    fn container_prepared(&self, _image: &LazyImage, _container_id: &str) {}
 }
 
 /// A resolver for nodes without lazy loading: no image has an artifact, every image

@@ -260,6 +260,16 @@ impl Traces {
         }
     }
 
+    /// True while a startup window of `index_digest` is open.
+    pub fn is_recording(&self, index_digest: &Digest) -> bool {
+        let digest = index_digest.to_string();
+        self.shared
+            .lock()
+            .active
+            .values()
+            .any(|active| active.summary.index_digest == digest)
+    }
+
     /// The container is ready: closes its startup windows now and returns once
     /// their traces are on disk. False when no window of that container was open.
     pub async fn close_for_container(&self, container_id: &str) -> bool {

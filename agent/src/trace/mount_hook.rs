@@ -3,7 +3,10 @@
 //!
 //! It wraps the [`RegistryLazyMounter`] the snapshotter uses: after the inner
 //! mount, it starts a recording ([`Traces::record`]) and the mount's access trace
-//! (`MountHandle::start_access_trace`). Mounts made while the agent restores its
+//! (`MountHandle::start_access_trace`). When the snapshotter prepares a container's
+//! snapshot on the image, the open window is given to that container
+//! ([`Traces::claim_for_container`]), so that `ContainerReady` closes it; a later
+//! container on the same (shared) mount gets a window of its own. Mounts made while the agent restores its
 //! state (before [`TracingMounter::start_recording`]) are not traced: they serve
 //! containers that started long ago. The recording ends when its window closes,
 //! on `ContainerReady` for the container that claimed it, or when the image is
@@ -43,8 +46,9 @@ impl TracingMounter {
         self.recording.store(true, Ordering::Release);
     }
 
-    /// Opens a startup window on the mounted image `image`, if it is mounted.
-    fn record(&self, image: &LazyImage) -> Result<(), AgentError> {
+    /// Opens a startup window on the mounted image `image`, if it is mounted, for
+    /// `container_id` (empty: not known yet).
+    fn record(&self, image: &LazyImage, container_id: &str) -> Result<(), AgentError> {
         let Some(mounted) = self.inner.mounted(&image.index_digest) else {
             return Ok(());
         };
@@ -56,7 +60,7 @@ impl TracingMounter {
             image_ref: image.image_ref.clone(),
             index_digest,
             index: mounted.index,
-            container_id: String::new(),
+            container_id: container_id.to_string(),
         })?;
         mounted.handle.start_access_trace(started.events);
         Ok(())
@@ -73,7 +77,7 @@ impl LazyMounter for TracingMounter {
             self.inner.mount(image, mountpoint).await?;
             if self.recording.load(Ordering::Acquire) {
                 // A trace is an optimisation: failing to record never fails the mount.
-                if let Err(e) = self.record(image) {
+                if let Err(e) = self.record(image, "") {
                     warn!(image = %image.image_ref, error = %e, "cannot record a startup trace");
                 }
             }
@@ -87,5 +91,25 @@ impl LazyMounter for TracingMounter {
         mountpoint: &'a Path,
     ) -> BoxFuture<'a, Result<(), AgentError>> {
         self.inner.unmount(image, mountpoint)
+    }
+
+    fn container_prepared(&self, image: &LazyImage, container_key: &str) {
+        if !self.recording.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(digest) = Digest::parse(&image.index_digest) else {
+            return;
+        };
+        if self.traces.claim_for_container(&digest, container_key)
+            // Another container's window is still open: the mount's one access trace
+            // feeds it, and this container's first reads are in it.
+            || self.traces.is_recording(&digest)
+        {
+            return;
+        }
+        // A later container on a shared mount: a window of its own.
+        if let Err(e) = self.record(image, container_key) {
+            warn!(image = %image.image_ref, container = container_key, error = %e, "cannot record a startup trace");
+        }
     }
 }
