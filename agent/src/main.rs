@@ -208,6 +208,7 @@ fn registry_client(config: &Config) -> anyhow::Result<stoker_registry::RegistryC
     let registry_config = stoker_registry::RegistryConfig {
         insecure_hosts: config.registry.insecure.clone(),
         mirrors: config.registry.mirrors.clone(),
+        connect_timeout: Some(std::time::Duration::from_secs(config.timeouts.connect_secs)),
         docker_config: config
             .registry
             .docker_config

@@ -199,7 +199,7 @@ impl RegistryClient {
 
         let mut http = reqwest::Client::builder()
             .user_agent(USER_AGENT)
-            .connect_timeout(config.request_timeout)
+            .connect_timeout(config.connect_timeout.unwrap_or(config.request_timeout))
             .read_timeout(config.request_timeout)
             .pool_idle_timeout(Duration::from_secs(90));
         let mut extra_roots = Vec::new();
@@ -235,7 +235,7 @@ impl RegistryClient {
                 extra_root_certificates: extra_roots.clone(),
                 platform_resolver: None,
                 read_timeout: Some(config.request_timeout),
-                connect_timeout: Some(config.request_timeout),
+                connect_timeout: Some(config.connect_timeout.unwrap_or(config.request_timeout)),
                 user_agent: USER_AGENT,
                 ..ClientConfig::default()
             };

@@ -27,9 +27,11 @@ pub struct RegistryConfig {
     pub docker_config: Option<PathBuf>,
     /// Username and password for every registry; takes precedence over the docker config.
     pub basic_auth: Option<(String, String)>,
-    /// Limit for a single HTTP request: connecting, and each wait for response bytes.
-    /// A ranged read also bounds each whole attempt by it.
+    /// Limit for a single HTTP request: each wait for response bytes. A ranged read
+    /// also bounds each whole attempt by it.
     pub request_timeout: Duration,
+    /// Limit for setting up a connection (TCP and TLS); `None`: `request_timeout`.
+    pub connect_timeout: Option<Duration>,
     /// Budget for one [`read_range`](crate::RegistryClient::read_range), all attempts and
     /// back-off included. When it runs out the read fails with
     /// [`RegistryError::DeadlineExceeded`](crate::RegistryError::DeadlineExceeded).
@@ -51,6 +53,7 @@ impl Default for RegistryConfig {
             docker_config: default_docker_config_path(),
             basic_auth: None,
             request_timeout: Duration::from_secs(30),
+            connect_timeout: None,
             read_deadline: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             mirrors: BTreeMap::new(),
@@ -74,6 +77,7 @@ impl fmt::Debug for RegistryConfig {
                     .map(|(user, _)| (user, "<redacted>")),
             )
             .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("read_deadline", &self.read_deadline)
             .field("retry", &self.retry)
             .field("mirrors", &self.mirrors)
