@@ -66,7 +66,9 @@ pub fn decide(
     waited: Duration,
     default_timeout: Duration,
 ) -> GateDecision {
-    if !has_startup_taint(node) {
+    if !has_startup_taint(node)
+        && !stoker_crds::warm_gate::has_condition_gate_label(node.metadata.labels.as_ref())
+    {
         return GateDecision::NotGated;
     }
     let annotation = node
@@ -415,6 +417,36 @@ mod tests {
         assert_eq!(
             (warm, reason, message.as_str()),
             (false, "WarmTimeout", "1 of 2 plans on disk after 300s")
+        );
+    }
+
+    #[test]
+    fn a_condition_gated_node_without_the_taint_is_gated_too() {
+        let target = r#"{"indexDigests":["sha256:a"],"timeoutSeconds":300}"#;
+        let mut n = node(Some(vec![taint("nvidia.com/gpu")]), Some(target));
+        n.metadata.labels = Some(BTreeMap::from([(
+            stoker_crds::warm_gate::CONDITION_GATE_LABEL.to_string(),
+            stoker_crds::warm_gate::CONDITION_GATE_VALUE.to_string(),
+        )]));
+        assert_eq!(
+            decide(&n, &done(&[]), MINUTE, TEN_MINUTES),
+            GateDecision::Wait
+        );
+        assert!(matches!(
+            decide(&n, &done(&["sha256:a"]), MINUTE, TEN_MINUTES),
+            GateDecision::Lift {
+                warm: true,
+                reason: "PlansWarm",
+                ..
+            }
+        ));
+        n.metadata.labels = Some(BTreeMap::from([(
+            stoker_crds::warm_gate::CONDITION_GATE_LABEL.to_string(),
+            "off".to_string(),
+        )]));
+        assert_eq!(
+            decide(&n, &done(&[]), MINUTE, TEN_MINUTES),
+            GateDecision::NotGated
         );
     }
 

@@ -807,12 +807,15 @@ fn unwant(wanted_by: &mut HashMap<u64, Vec<TargetKey>>, revision: u64, key: &Tar
     }
 }
 
-/// True if the node carries the Stoker startup taint.
+/// True if the node carries the Stoker startup taint, or the label that gates it
+/// on the `StokerWarm` condition alone.
 pub fn is_gated(node: &Node) -> bool {
-    node.spec
+    let tainted = node
+        .spec
         .as_ref()
         .and_then(|s| s.taints.as_ref())
-        .is_some_and(|taints| taints.iter().any(|t| t.key == STARTUP_TAINT_KEY))
+        .is_some_and(|taints| taints.iter().any(|t| t.key == STARTUP_TAINT_KEY));
+    tainted || stoker_crds::warm_gate::has_condition_gate_label(node.metadata.labels.as_ref())
 }
 
 /// Keeps what the controller needs of a Node: name, labels, taints,
@@ -887,6 +890,31 @@ impl NodeSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_gated_by_the_startup_taint_or_the_condition_gate_label() {
+        use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+        let mut node = Node::default();
+        assert!(!is_gated(&node));
+        node.metadata.labels = Some(
+            [(
+                stoker_crds::warm_gate::CONDITION_GATE_LABEL.to_string(),
+                stoker_crds::warm_gate::CONDITION_GATE_VALUE.to_string(),
+            )]
+            .into(),
+        );
+        assert!(is_gated(&node), "condition-gated by label");
+        node.metadata.labels = None;
+        node.spec = Some(NodeSpec {
+            taints: Some(vec![Taint {
+                key: STARTUP_TAINT_KEY.into(),
+                effect: "NoSchedule".into(),
+                ..Taint::default()
+            }]),
+            ..NodeSpec::default()
+        });
+        assert!(is_gated(&node), "tainted");
+    }
 
     #[test]
     fn node_sets() {

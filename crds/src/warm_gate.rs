@@ -7,6 +7,12 @@
 //! listed plan is verified on disk (or the target's timeout passed, or the list
 //! is empty) it removes the taint and sets the node condition
 //! [`WARM_CONDITION`].
+//!
+//! Nodes labelled [`CONDITION_GATE_LABEL`]` = `[`CONDITION_GATE_VALUE`] are gated
+//! on the condition alone, without the Stoker taint: for clusters where another
+//! component (such as the Node Readiness Controller) holds pods off a node until
+//! a condition is True. They get a warm target, and their agent sets
+//! [`WARM_CONDITION`] the same way; it has no taint to remove.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +26,20 @@ pub const STARTUP_TAINT_EFFECT: &str = "NoSchedule";
 pub const WARM_CONDITION: &str = "StokerWarm";
 /// Node annotation: the plans the node must hold before its taint is lifted.
 pub const WARM_TARGET_ANNOTATION: &str = "stoker.dev/warm-target";
+
+/// Node label that gates a node on [`WARM_CONDITION`] alone (see the module docs).
+pub const CONDITION_GATE_LABEL: &str = "stoker.dev/warm-gate";
+/// The value of [`CONDITION_GATE_LABEL`] that turns the condition gate on.
+pub const CONDITION_GATE_VALUE: &str = "condition";
+
+/// True if `labels` ask for the condition-only gate.
+pub fn has_condition_gate_label(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    labels
+        .and_then(|l| l.get(CONDITION_GATE_LABEL))
+        .is_some_and(|v| v == CONDITION_GATE_VALUE)
+}
 
 /// The value of [`WARM_TARGET_ANNOTATION`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
