@@ -17,7 +17,7 @@ export DEBIAN_FRONTEND := noninteractive
 CARGO ?= cargo
 
 # Real components the tests run on loopback (see docs and testkit/).
-APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq
+APT_PACKAGES := docker-registry containerd runc skopeo umoci fuse3 protobuf-compiler iproute2 openssl curl jq debootstrap
 
 .PHONY: all deps build test lint bench demo fuzz-smoke test-faults crds
 

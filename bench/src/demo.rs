@@ -294,7 +294,7 @@ fn measure_blocking(size: MlImageSize, rt: &tokio::runtime::Handle) -> anyhow::R
 }
 
 /// Root, /dev/fuse and the Debian packages the demo runs (`make deps` installs them).
-fn check_machine() -> anyhow::Result<()> {
+pub(crate) fn check_machine() -> anyhow::Result<()> {
     if !stoker_testkit::require_root("demo") {
         bail!("the demo mounts filesystems and runs containerd: run it as root");
     }
@@ -392,7 +392,7 @@ impl StokerNode {
 
 /// `ctr run --rm` of the start script; returns the time from `started` to the first
 /// output line, and the whole output.
-fn run_container(
+pub(crate) fn run_container(
     containerd: &TestContainerd,
     snapshotter: &str,
     reference: &str,
@@ -446,7 +446,7 @@ fn blob_bytes(registry: &TestRegistry) -> u64 {
 
 /// Waits until the agent's trace of `index_digest` is complete (its startup window
 /// closed) and returns it, from the agent API.
-async fn collect_trace(api_socket: &Path, index_digest: &str) -> anyhow::Result<Trace> {
+pub(crate) async fn collect_trace(api_socket: &Path, index_digest: &str) -> anyhow::Result<Trace> {
     let mut agent = AgentClient::new(unix_channel(api_socket).await?);
     let deadline = Instant::now() + DEADLINE;
     let trace_id = loop {
@@ -500,7 +500,7 @@ async fn collect_trace(api_socket: &Path, index_digest: &str) -> anyhow::Result<
 }
 
 /// Pushes `plan` to the agent API and waits until it is done.
-async fn push_plan(
+pub(crate) async fn push_plan(
     api_socket: &Path,
     reference: &str,
     index_digest: &str,

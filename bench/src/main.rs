@@ -6,9 +6,10 @@ mod controller_sim;
 mod convert_bench;
 mod demo;
 mod fuse_bench;
-mod load_bench;
+mod headline;
 mod images;
 mod layout_bench;
+mod load_bench;
 mod report;
 
 use clap::Parser;
@@ -43,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
             "demo" => demo::run(size).await?,
             "layout" => layout_bench::run(size).await?,
             "fuse" => fuse_bench::run(args.quick).await?,
+            "headline" => headline::run().await?,
             "load" => load_bench::run(args.quick).await?,
             other => anyhow::bail!("unknown section {other:?}"),
         };
