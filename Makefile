@@ -67,7 +67,9 @@ test-faults: deps
 # Runs every benchmark section side by side and writes BENCHMARKS.md.
 # BENCH_ARGS="--quick" for a short run, "--sections convert" for one section.
 bench: deps
-	$(CARGO) run --release -p stoker-bench -- $(BENCH_ARGS)
+	$(CARGO) build --release -p stoker-cli -p stoker-agent -p stoker-bench
+	$(CARGO) build --release -p stoker-controller --bin controller-sim
+	./target/release/stoker-bench $(BENCH_ARGS)
 
 # The main job on one machine, through containerd: full pull vs Stoker lazy vs warmed from a plan.
 demo: deps

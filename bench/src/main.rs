@@ -16,8 +16,14 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Sections to run (comma-separated): convert, demo, fuse, load.
-    #[arg(long, default_value = "convert", value_delimiter = ',')]
+    /// Sections to run (comma-separated): headline, demo, convert, layout, fuse,
+    /// load, controller. All by default (about an hour on 2 cores, most of it
+    /// building and pulling the headline's Python image the first time).
+    #[arg(
+        long,
+        default_value = "headline,demo,convert,layout,fuse,load,controller",
+        value_delimiter = ','
+    )]
     sections: Vec<String>,
     /// Smaller inputs for a quick run (not for BENCHMARKS.md).
     #[arg(long)]
