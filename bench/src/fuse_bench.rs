@@ -35,6 +35,7 @@ use stoker_format::{
 use stoker_lazyfs::{AssemblyOptions, MountHandle, MountOptions};
 use stoker_registry::{RegistryClient, RegistryConfig, parse_reference};
 
+use crate::images::incompressible;
 use crate::report::Section;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -61,20 +62,6 @@ impl Args {
             }
         }
     }
-}
-
-/// Deterministic, incompressible bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 struct Image {
@@ -140,7 +127,7 @@ fn build_image(args: &Args, native: &Path) -> Result<Image, Error> {
             };
             tree.link(files, name.as_bytes(), dir);
         }
-        let content = pattern(i as u64, 512 + (i * 7919) % 7680);
+        let content = incompressible(i as u64, 512 + (i * 7919) % 7680);
         let chunk = add_chunk(&mut table, &content)?;
         let name = format!("f{i:05}.py");
         let node = tree.add(Node {
@@ -159,7 +146,7 @@ fn build_image(args: &Args, native: &Path) -> Result<Image, Error> {
     let mut large = Vec::with_capacity(args.large_mib << 20);
     let mut pieces = Vec::new();
     for i in 0..args.large_mib {
-        let part = pattern(1_000_000 + i as u64, 1 << 20);
+        let part = incompressible(1_000_000 + i as u64, 1 << 20);
         pieces.push(FilePiece {
             offset: (i as u64) << 20,
             chunk: add_chunk(&mut table, &part)?,

@@ -105,6 +105,20 @@ fn binary(size: u64, seed: u64, corpus: &Arc<Vec<u8>>) -> Generator {
     })
 }
 
+/// Deterministic, incompressible bytes (xorshift), different for each seed.
+pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// Sizes of the generated ML-like image.
 #[derive(Clone, Copy, Debug)]
 pub struct MlImageSize {

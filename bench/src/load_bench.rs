@@ -18,26 +18,13 @@ use stoker_registry::{RegistryClient, RegistryConfig, parse_reference};
 use stoker_testkit::image::{Entry, ImageBuilder, push_layout};
 use stoker_testkit::registry::TestRegistry;
 
+use crate::images::incompressible;
 use crate::report::Section;
 
 const IMAGES: usize = 8;
 const READERS_ON_FIRST_IMAGE: usize = 64;
 const READERS_ON_OTHERS: usize = 4;
 const READ_SIZE: usize = 4096;
-
-/// Deterministic, incompressible bytes, different per seed.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 struct Reader {
     path: PathBuf,
@@ -138,7 +125,7 @@ fn measure(runtime: &tokio::runtime::Handle, quick: bool) -> anyhow::Result<Sect
             READERS_ON_OTHERS
         };
         let expected: Vec<Arc<Vec<u8>>> = (0..files)
-            .map(|f| Arc::new(content((image * 1000 + f) as u64, file_len)))
+            .map(|f| Arc::new(incompressible((image * 1000 + f) as u64, file_len)))
             .collect();
         let mut entries = vec![Entry::dir("data")];
         for (f, bytes) in expected.iter().enumerate() {
