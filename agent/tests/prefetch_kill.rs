@@ -57,20 +57,11 @@ impl Drop for Agent {
 }
 
 async fn unix_client(socket: &Path) -> AgentClient<tonic::transport::Channel> {
-    let socket = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://agent.local")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect to the agent API");
-    AgentClient::new(channel)
+    AgentClient::new(
+        stoker_testkit::containerd::unix_channel(socket)
+            .await
+            .expect("connect to the agent API"),
+    )
 }
 
 fn wire(image_ref: &str, plan: &Plan) -> Wire {
