@@ -181,9 +181,9 @@ fn table(h: &Headline) -> Section {
          filesystem's read-ahead; the prefetched starts also read what the trace did not record.",
     );
     section.note(
-        "The learning node's startup window (240 s from the pull) closes by time: \
-         `ContainerReady` does not know containers started with `ctr run` (no CRI container), \
-         so the trace covers the whole run, which exits right after its line.",
+        "The learning node's startup window opens at the pull and is closed by \
+         `ContainerReady` once the container printed its line (240 s at most), so the \
+         trace covers the start.",
     );
     section.note(
         "Machine: 2 cores shared with other jobs (builds) during the run: times vary between runs.",
