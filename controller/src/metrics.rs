@@ -9,15 +9,12 @@
 //! | `stoker_controller_plans_learned_total` | — |
 //! | `stoker_controller_pushes_total` | `result` (`warm`, `failed`, `no_agent`) |
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use hyper::StatusCode;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -131,38 +128,7 @@ impl Metrics {
         self: Arc<Self>,
         addr: SocketAddr,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), Error> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::Metrics(format!("cannot listen on {addr}: {e}")))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| Error::Metrics(e.to_string()))?;
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let metrics = self.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let metrics = metrics.clone();
-                        async move { Ok::<_, Infallible>(metrics.respond(&request)) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    if let Err(error) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await
-                    {
-                        tracing::debug!(%error, "metrics connection");
-                    }
-                });
-            }
-        });
-        Ok((bound, task))
-    }
-
-    fn respond<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
-        let (status, body) = match request.uri().path() {
+        stoker_telemetry::serve_routes(addr, move |path| match path {
             "/metrics" => (StatusCode::OK, self.encode()),
             "/healthz" => (StatusCode::OK, "ok\n".to_string()),
             "/readyz" if self.ready.load(Ordering::Relaxed) => {
@@ -173,10 +139,9 @@ impl Metrics {
                 "caches not synced\n".to_string(),
             ),
             _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response
+        })
+        .await
+        .map_err(|e| Error::Metrics(e.to_string()))
     }
 }
 

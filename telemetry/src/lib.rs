@@ -68,46 +68,54 @@ impl Exporter {
         self: Arc<Self>,
         addr: SocketAddr,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| TelemetryError::Listen { addr, source })?;
-        let bound = listener
-            .local_addr()
-            .map_err(|source| TelemetryError::Listen { addr, source })?;
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let exporter = self.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let exporter = exporter.clone();
-                        async move { Ok::<_, Infallible>(exporter.respond(&request)) }
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    if let Err(error) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await
-                    {
-                        tracing::debug!(%error, "metrics connection");
-                    }
-                });
-            }
-        });
-        Ok((bound, task))
-    }
-
-    fn respond<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
-        let (status, body) = match request.uri().path() {
+        serve_routes(addr, move |path| match path {
             "/metrics" => (StatusCode::OK, self.encode()),
             "/healthz" => (StatusCode::OK, "ok\n".to_string()),
             _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        response
+        })
+        .await
     }
+}
+
+/// Serves plain-text HTTP/1.1 endpoints on `addr` until the returned task is
+/// aborted: `route(path)` gives each request's status and body. Returns the
+/// bound address (useful with port 0). The metrics endpoints of the node side
+/// ([`Exporter::serve`]) and of the controller use it.
+pub async fn serve_routes(
+    addr: SocketAddr,
+    route: impl Fn(&str) -> (StatusCode, String) + Send + Sync + 'static,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), TelemetryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| TelemetryError::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| TelemetryError::Listen { addr, source })?;
+    let route = Arc::new(route);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let route = Arc::clone(&route);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<_>| {
+                    let (status, body) = route(request.uri().path());
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    *response.status_mut() = status;
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(error) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(%error, "metrics connection");
+                }
+            });
+        }
+    });
+    Ok((bound, task))
 }
 
 #[cfg(test)]
