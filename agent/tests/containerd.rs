@@ -381,24 +381,8 @@ fn converted_images_are_found_in_the_registry_and_not_downloaded() {
         "test/unconverted",
     );
     let rt = runtime();
-    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
-        plain_http: true,
-        docker_config: None,
-        ..Default::default()
-    })
-    .expect("registry client");
-    let reports = rt
-        .block_on(async {
-            let (store, selector) =
-                stoker_convert::ImageStore::registry(client.clone(), &converted)?;
-            stoker_convert::convert(
-                &store,
-                &selector,
-                &stoker_convert::ConvertOptions::default(),
-            )
-            .await
-        })
-        .expect("stoker convert");
+    let client = common::plain_http_client();
+    let reports = common::convert(&rt, &converted);
     let index_digest = reports[0].index_digest.clone();
 
     // The lazy filesystem is still a bind mount of the extracted tree; the lookup of

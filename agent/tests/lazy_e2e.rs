@@ -68,24 +68,7 @@ fn converted_image_starts_lazily_from_the_real_agent() {
     );
     let rt = runtime();
 
-    // stoker convert, over plain HTTP.
-    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
-        plain_http: true,
-        docker_config: None,
-        ..Default::default()
-    })
-    .expect("registry client");
-    let reports = rt
-        .block_on(async {
-            let (store, selector) = stoker_convert::ImageStore::registry(client, &lazy_image)?;
-            stoker_convert::convert(
-                &store,
-                &selector,
-                &stoker_convert::ConvertOptions::default(),
-            )
-            .await
-        })
-        .expect("stoker convert");
+    let reports = common::convert(&rt, &lazy_image);
     let index_digest = reports[0].index_digest.clone();
 
     // The real agent binary, state in a temp dir (chunk cache under it), and containerd.

@@ -63,22 +63,7 @@ impl Env {
             &format!("test/{tag}"),
         );
         let rt = runtime();
-        let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
-            plain_http: true,
-            docker_config: None,
-            ..Default::default()
-        })
-        .expect("registry client");
-        rt.block_on(async {
-            let (store, selector) = stoker_convert::ImageStore::registry(client, &image)?;
-            stoker_convert::convert(
-                &store,
-                &selector,
-                &stoker_convert::ConvertOptions::default(),
-            )
-            .await
-        })
-        .expect("stoker convert");
+        common::convert(&rt, &image);
 
         let state = dir.path().join("agent");
         let agent = AgentProcess::start(&state, &dir.path().join("agent.sock"));

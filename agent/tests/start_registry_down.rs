@@ -73,25 +73,7 @@ fn an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers() {
         .write_layout(&layout, "v1")
         .expect("layout");
     push_layout(&layout, "v1", &registry.host(), "test/regdown:v1").expect("push");
-    let client = stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
-        plain_http: true,
-        docker_config: None,
-        ..Default::default()
-    })
-    .expect("registry client");
-    rt.block_on(async {
-        let (store, selector) = stoker_convert::ImageStore::registry(
-            client,
-            &format!("{}/test/regdown:v1", registry.host()),
-        )?;
-        stoker_convert::convert(
-            &store,
-            &selector,
-            &stoker_convert::ConvertOptions::default(),
-        )
-        .await
-    })
-    .expect("stoker convert");
+    common::convert(&rt, &format!("{}/test/regdown:v1", registry.host()));
     // Everyone reaches the registry through the proxy.
     let proxy = rt
         .block_on(FaultProxy::start(&registry.host()))

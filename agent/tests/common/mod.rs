@@ -413,3 +413,31 @@ pub fn layer_gets(requests: &[LoggedRequest], image: &WrittenImage) -> Vec<Strin
         .map(|r| r.path.clone())
         .collect()
 }
+
+/// A registry client for the test registry: plain HTTP, no docker config.
+pub fn plain_http_client() -> stoker_registry::RegistryClient {
+    stoker_registry::RegistryClient::new(stoker_registry::RegistryConfig {
+        plain_http: true,
+        docker_config: None,
+        ..Default::default()
+    })
+    .expect("registry client")
+}
+
+/// `stoker convert` of `reference` with the default options, over plain HTTP.
+pub fn convert(
+    rt: &tokio::runtime::Runtime,
+    reference: &str,
+) -> Vec<stoker_convert::ConvertReport> {
+    rt.block_on(async {
+        let (store, selector) =
+            stoker_convert::ImageStore::registry(plain_http_client(), reference)?;
+        stoker_convert::convert(
+            &store,
+            &selector,
+            &stoker_convert::ConvertOptions::default(),
+        )
+        .await
+    })
+    .expect("stoker convert")
+}
