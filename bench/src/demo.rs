@@ -218,19 +218,7 @@ fn measure_blocking(size: MlImageSize, rt: &tokio::runtime::Handle) -> anyhow::R
         let containerd = TestContainerd::start(&work.path().join("no-snapshotter.sock"))?;
         registry.clear_requests();
         let started = Instant::now();
-        containerd
-            .ctr(
-                CRI_NAMESPACE,
-                &[
-                    "images",
-                    "pull",
-                    "--plain-http",
-                    "--snapshotter",
-                    "overlayfs",
-                    &reference,
-                ],
-            )
-            .context("ctr images pull")?;
+        pull_into_overlayfs(&containerd, &reference)?;
         let (first_line, output) =
             run_container(&containerd, "overlayfs", &reference, "full", started)?;
         StartRun {
@@ -388,6 +376,28 @@ impl StokerNode {
             bytes_during: blob_bytes(registry),
         })
     }
+}
+
+/// `ctr images pull` of `reference` (plain HTTP) into containerd's overlayfs
+/// snapshotter: every layer downloaded and unpacked, as a node does today.
+pub(crate) fn pull_into_overlayfs(
+    containerd: &TestContainerd,
+    reference: &str,
+) -> anyhow::Result<()> {
+    containerd
+        .ctr(
+            CRI_NAMESPACE,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                "overlayfs",
+                reference,
+            ],
+        )
+        .context("ctr images pull")?;
+    Ok(())
 }
 
 /// `ctr run --rm` of the start script; returns the time from `started` to the first

@@ -33,11 +33,9 @@ use stoker_api::agent::{ContainerReadyRequest, StatusRequest};
 use stoker_convert::{ConvertOptions, ConvertReport, ImageStore};
 use stoker_format::{Digest, Index, Plan, Trace};
 use stoker_registry::{RegistryClient, RegistryConfig};
-use stoker_testkit::containerd::{
-    AgentProcess, CRI_NAMESPACE, TestContainerd, unix_channel, workspace_binary,
-};
+use stoker_testkit::containerd::{AgentProcess, TestContainerd, unix_channel, workspace_binary};
 
-use crate::demo::{check_machine, collect_trace, push_plan, run_container};
+use crate::demo::{check_machine, collect_trace, pull_into_overlayfs, push_plan, run_container};
 use crate::report::{Section, mb};
 use link::{NetnsRegistry, ThrottledLink};
 
@@ -263,19 +261,7 @@ fn measure(rt: &tokio::runtime::Handle) -> anyhow::Result<Headline> {
         drop_caches();
         registry.clear_requests();
         let started = Instant::now();
-        node.containerd
-            .ctr(
-                CRI_NAMESPACE,
-                &[
-                    "images",
-                    "pull",
-                    "--plain-http",
-                    "--snapshotter",
-                    "overlayfs",
-                    &reference,
-                ],
-            )
-            .context("ctr images pull")?;
+        pull_into_overlayfs(&node.containerd, &reference)?;
         let (first_line, output) =
             run_container(&node.containerd, "overlayfs", &reference, "full", started)?;
         starts.push(Start {
