@@ -463,9 +463,9 @@ impl Snapshotter {
             remote: None,
         })?;
         match self.make_dirs_and_mounts(&record).await {
-            Ok(mounts) => {
+            Ok((mounts, lazy)) => {
                 if kind == SnapshotKind::Active
-                    && let Ok((_, Some(image))) = self.lower_dirs(&record)
+                    && let Some(image) = lazy
                 {
                     // containerd names it `<namespace>/<n>/<container ID>`.
                     let container_id = key.rsplit_once('/').map_or(key, |(_, id)| id);
@@ -484,34 +484,47 @@ impl Snapshotter {
         }
     }
 
+    /// Creates the snapshot's directories and returns its mounts and the lazy image
+    /// below it, if any.
     async fn make_dirs_and_mounts(
         &self,
         record: &SnapshotRecord,
-    ) -> Result<Vec<Mount>, AgentError> {
+    ) -> Result<(Vec<Mount>, Option<LazyImage>), AgentError> {
         let fs = self.fs_dir(record.id);
         create_dir(&fs)?;
         if record.kind == SnapshotKind::Active {
             create_dir(&self.work_dir(record.id))?;
         }
-        let mounts = self.mounts_of(record).await?;
+        let (lowers, lazy) = self.lower_dirs(record)?;
+        let mounts = self.mounts_over(record, &lowers, lazy.as_ref()).await?;
         // Like containerd: the new upper directory takes the owner of the layer below.
-        if let Some(lower) = self.lower_dirs(record)?.0.first() {
+        if let Some(lower) = lowers.first() {
             chown_like(&fs, lower)?;
         }
-        Ok(mounts)
+        Ok((mounts, lazy))
     }
 
     /// The mounts of an active snapshot or view, mounting its lazy image if needed.
     async fn mounts_of(&self, record: &SnapshotRecord) -> Result<Vec<Mount>, AgentError> {
         let (lowers, lazy) = self.lower_dirs(record)?;
+        self.mounts_over(record, &lowers, lazy.as_ref()).await
+    }
+
+    /// The mounts of `record` over `lowers`, after mounting `lazy` if it is not.
+    async fn mounts_over(
+        &self,
+        record: &SnapshotRecord,
+        lowers: &[PathBuf],
+        lazy: Option<&LazyImage>,
+    ) -> Result<Vec<Mount>, AgentError> {
         if let Some(image) = lazy {
-            self.ensure_mounted(&image).await?;
+            self.ensure_mounted(image).await?;
         }
         Ok(mounts::rootfs_mounts(
             record.kind,
             &self.fs_dir(record.id),
             &self.work_dir(record.id),
-            &lowers,
+            lowers,
             self.index_off,
         ))
     }
