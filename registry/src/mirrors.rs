@@ -64,13 +64,17 @@ impl RegistryClient {
             let mut at_mirror = reference.clone();
             at_mirror.set_mirror_registry(mirror.clone());
             let limit = self.inner.config.request_timeout;
+            let target = Self::target(&at_mirror, "mirror");
             let error = match tokio::time::timeout(limit, op(at_mirror)).await {
                 Ok(Ok(value)) => {
                     lock(&self.inner.mirror_down).remove(mirror);
                     return Ok(value);
                 }
                 Ok(Err(error)) => error,
-                Err(_) => RegistryError::Config(format!("no answer within {limit:?}")),
+                Err(_) => RegistryError::Timeout {
+                    target,
+                    after: limit,
+                },
             };
             if error.is_not_found() {
                 tracing::debug!(%mirror, registry = reference.registry(), "mirror lacks it; next");
