@@ -20,7 +20,7 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use reqwest::header::{HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 
-use crate::credentials::{CredentialStore, Credentials};
+use crate::credentials::{CredentialStore, Credentials, canonical_host};
 use crate::error::truncate;
 use crate::{RegistryConfig, RegistryError, Target};
 
@@ -82,7 +82,7 @@ pub(crate) struct Inner {
     oci_http: oci_client::Client,
     /// The scheme chosen for each loopback registry after probing.
     schemes: Mutex<HashMap<String, Scheme>>,
-    auth_cache: Mutex<HashMap<AuthKey, Arc<AuthHeader>>>,
+    auth_cache: Mutex<HashMap<AuthKey, CachedAuth>>,
     /// Serialises token fetches, so that a burst of 401s fetches one token.
     auth_refresh: tokio::sync::Mutex<()>,
     pub(crate) stats: RequestStats,
@@ -130,6 +130,14 @@ impl Access {
 }
 
 type AuthKey = (String, String, Access);
+
+/// A cached `Authorization` and the [`CredentialSource`](crate::CredentialSource)'s answer
+/// it was obtained with: when the source answers differently (new credentials, or none
+/// after they expired), the header is fetched again instead of used.
+struct CachedAuth {
+    header: Arc<AuthHeader>,
+    from_source: Option<Credentials>,
+}
 
 /// The `Authorization` a request carries. `Debug` never shows a secret.
 pub(crate) enum AuthHeader {
@@ -343,9 +351,20 @@ impl RegistryClient {
         })
     }
 
-    fn credentials(&self, repo: &Reference) -> Option<Credentials> {
-        // A mirror gets its own credentials, never the origin's.
-        self.inner.credentials.for_registry(repo.resolve_registry())
+    /// What the configured [`CredentialSource`](crate::CredentialSource) has for `repo`.
+    fn source_credentials(&self, repo: &Reference) -> Option<Credentials> {
+        let source = self.inner.config.credential_source.as_ref()?;
+        source.credentials_for(&canonical_host(repo.resolve_registry()), repo.repository())
+    }
+
+    /// The credentials for `repo`: the source's (given as `from_source`), else the static
+    /// ones. A mirror gets its own credentials, never the origin's.
+    fn credentials(
+        &self,
+        repo: &Reference,
+        from_source: Option<Credentials>,
+    ) -> Option<Credentials> {
+        from_source.or_else(|| self.inner.credentials.for_registry(repo.resolve_registry()))
     }
 
     /// The oci-client for `repo`'s registry, with the credentials stored in it, so that its
@@ -358,12 +377,15 @@ impl RegistryClient {
     ) -> Result<oci_client::Client, RegistryError> {
         let registry = repo.resolve_registry();
         let oci = self.oci_client(registry, target).await?;
-        let credentials = self.credentials(repo);
+        let credentials = self.credentials(repo, self.source_credentials(repo));
         oci.store_auth_if_needed(registry, &oci_auth(credentials.as_ref()))
             .await;
-        if matches!(credentials, Some(Credentials::IdentityToken(_))) {
-            // oci-client cannot exchange refresh tokens: fetch a token ourselves, which
-            // also hands it to oci-client.
+        if matches!(credentials, Some(Credentials::IdentityToken(_)))
+            || self.inner.config.credential_source.is_some()
+        {
+            // oci-client cannot exchange refresh tokens, and keeps the first credentials
+            // it was given per registry: fetch a token ourselves (again when the source's
+            // credentials changed), which also hands it to oci-client for this repository.
             self.auth_header(repo, access, target).await?;
         }
         Ok(oci.clone())
@@ -377,15 +399,41 @@ impl RegistryClient {
         target: &Target,
     ) -> Result<Arc<AuthHeader>, RegistryError> {
         let key = auth_key(repo, access);
-        if let Some(header) = lock(&self.inner.auth_cache).get(&key) {
-            return Ok(header.clone());
+        let from_source = self.source_credentials(repo);
+        let cached = |cache: &HashMap<AuthKey, CachedAuth>| {
+            cache
+                .get(&key)
+                .filter(|c| c.from_source == from_source)
+                .map(|c| c.header.clone())
+        };
+        if let Some(header) = cached(&lock(&self.inner.auth_cache)) {
+            return Ok(header);
         }
         let _refreshing = self.inner.auth_refresh.lock().await;
-        if let Some(header) = lock(&self.inner.auth_cache).get(&key) {
-            return Ok(header.clone());
+        if let Some(header) = cached(&lock(&self.inner.auth_cache)) {
+            return Ok(header);
         }
-        let header = Arc::new(self.fetch_auth(repo, access, target).await?);
-        lock(&self.inner.auth_cache).insert(key, header.clone());
+        self.fetch_and_cache_auth(repo, access, target, key.clone(), from_source)
+            .await
+    }
+
+    async fn fetch_and_cache_auth(
+        &self,
+        repo: &Reference,
+        access: Access,
+        target: &Target,
+        key: AuthKey,
+        from_source: Option<Credentials>,
+    ) -> Result<Arc<AuthHeader>, RegistryError> {
+        let credentials = self.credentials(repo, from_source.clone());
+        let header = Arc::new(self.fetch_auth(repo, access, target, credentials).await?);
+        lock(&self.inner.auth_cache).insert(
+            key,
+            CachedAuth {
+                header: header.clone(),
+                from_source,
+            },
+        );
         Ok(header)
     }
 
@@ -402,9 +450,9 @@ impl RegistryClient {
         let _refreshing = self.inner.auth_refresh.lock().await;
         if let Some(stale) = stale
             && let Some(current) = lock(&self.inner.auth_cache).get(&key)
-            && !Arc::ptr_eq(stale, current)
+            && !Arc::ptr_eq(stale, &current.header)
         {
-            return Ok(current.clone());
+            return Ok(current.header.clone());
         }
         self.inner
             .stats
@@ -416,9 +464,9 @@ impl RegistryClient {
             ?access,
             "re-authenticating after 401"
         );
-        let header = Arc::new(self.fetch_auth(repo, access, target).await?);
-        lock(&self.inner.auth_cache).insert(key, header.clone());
-        Ok(header)
+        let from_source = self.source_credentials(repo);
+        self.fetch_and_cache_auth(repo, access, target, key, from_source)
+            .await
     }
 
     /// Runs the challenge flow: oci-client's token handshake for anonymous and basic
@@ -428,10 +476,10 @@ impl RegistryClient {
         repo: &Reference,
         access: Access,
         target: &Target,
+        credentials: Option<Credentials>,
     ) -> Result<AuthHeader, RegistryError> {
         let registry = repo.resolve_registry();
         let oci = self.oci_client(registry, target).await?;
-        let credentials = self.credentials(repo);
         self.inner.stats.count_request();
         match credentials {
             Some(Credentials::IdentityToken(refresh_token)) => {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -27,6 +28,10 @@ pub struct RegistryConfig {
     pub docker_config: Option<PathBuf>,
     /// Username and password for every registry; takes precedence over the docker config.
     pub basic_auth: Option<(String, String)>,
+    /// Credentials asked for per repository before `basic_auth` and the docker config, and
+    /// again whenever the client authenticates: when they change (or the source stops
+    /// giving any), cached tokens obtained with the old ones are not used any more.
+    pub credential_source: Option<Arc<dyn crate::CredentialSource>>,
     /// Limit for a single HTTP request: each wait for response bytes. A ranged read
     /// also bounds each whole attempt by it.
     pub request_timeout: Duration,
@@ -52,6 +57,7 @@ impl Default for RegistryConfig {
             ca_bundle: None,
             docker_config: default_docker_config_path(),
             basic_auth: None,
+            credential_source: None,
             request_timeout: Duration::from_secs(30),
             connect_timeout: None,
             read_deadline: Duration::from_secs(60),
@@ -75,6 +81,10 @@ impl fmt::Debug for RegistryConfig {
                     .basic_auth
                     .as_ref()
                     .map(|(user, _)| (user, "<redacted>")),
+            )
+            .field(
+                "credential_source",
+                &self.credential_source.as_ref().map(|_| "<set>"),
             )
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)

@@ -1,6 +1,8 @@
-//! Registry credentials: from [`RegistryConfig::basic_auth`](crate::RegistryConfig) or a
-//! docker `config.json` (`auths` entries with a base64 `auth`, `username`/`password`, or an
-//! `identitytoken`), matched by registry host.
+//! Registry credentials: from a [`CredentialSource`] asked per repository (the node agent's
+//! store of credentials pushed from Kubernetes image pull secrets), from
+//! [`RegistryConfig::basic_auth`](crate::RegistryConfig), or from a docker `config.json`
+//! (`auths` entries with a base64 `auth`, `username`/`password`, or an `identitytoken`),
+//! matched by registry host, in that order.
 //!
 //! Credential helpers (`credsStore`, `credHelpers`) are not run; a registry that only has
 //! one gets a warning and anonymous access.
@@ -16,7 +18,7 @@ use crate::RegistryError;
 
 /// What to authenticate with. `Debug` never shows a secret.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) enum Credentials {
+pub enum Credentials {
     /// Username and password: sent as HTTP Basic, or to the token service.
     Basic { username: String, password: String },
     /// An OAuth2 refresh token (docker's `identitytoken`), exchanged at the token service.
@@ -34,6 +36,18 @@ impl fmt::Debug for Credentials {
             Credentials::IdentityToken(_) => f.write_str("IdentityToken(<redacted>)"),
         }
     }
+}
+
+/// Credentials that can change while the client runs, asked for on every authentication
+/// (and checked against the ones a cached token came from, see
+/// [`RegistryClient`](crate::RegistryClient)): the node agent's in-memory store of
+/// credentials pushed from Kubernetes image pull secrets. Consulted before
+/// `basic_auth` and the docker config.
+pub trait CredentialSource: Send + Sync {
+    /// The credentials for `repository` (e.g. `team/app`, `library/nginx`) at `registry`
+    /// (as [`canonical_registry_host`] writes it, e.g. `registry.example:5000`,
+    /// `docker.io`), if the source has any that are still valid.
+    fn credentials_for(&self, registry: &str, repository: &str) -> Option<Credentials>;
 }
 
 /// Credentials for each registry host.
@@ -178,7 +192,12 @@ impl DockerAuthEntry {
 }
 
 /// The host a docker config key or a reference's registry names: no scheme, no path,
-/// lower case, and every Docker Hub alias folded into `docker.io`.
+/// lower case, and every Docker Hub alias folded into `docker.io`. The form a
+/// [`CredentialSource`] is asked with.
+pub fn canonical_registry_host(key: &str) -> String {
+    canonical_host(key)
+}
+
 pub(crate) fn canonical_host(key: &str) -> String {
     let key = key.trim();
     let without_scheme = key

@@ -15,8 +15,9 @@
 //! - **referrers**: [`RegistryClient::find_referrers`] and
 //!   [`RegistryClient::attach_referrer`], through the referrers API or the `sha256-<hex>`
 //!   tag fallback that registries without the API (distribution 2.8) need;
-//! - **credentials** from a docker `config.json` or a username and password, with
-//!   anonymous, basic and bearer-token auth; **TLS** with an extra CA bundle, plain HTTP
+//! - **credentials** from a docker `config.json`, a username and password, or a
+//!   [`CredentialSource`] asked per repository (credentials that change at run time, such
+//!   as Kubernetes image pull secrets), with anonymous, basic and bearer-token auth; **TLS** with an extra CA bundle, plain HTTP
 //!   when asked for (and for loopback registries that do not speak TLS).
 //!
 //! One [`RegistryClient`] (cheap to clone) shares its connections (keep-alive, HTTP/2
@@ -49,6 +50,7 @@ mod referrers;
 
 pub use client::{RegistryClient, RequestStats, install_crypto_provider};
 pub use config::{RegistryConfig, RetryPolicy, default_docker_config_path};
+pub use credentials::{CredentialSource, Credentials, canonical_registry_host};
 pub use error::{RegistryError, Target};
 pub use manifest::{
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, FetchedManifest, OCI_INDEX, OCI_MANIFEST,
