@@ -6,9 +6,15 @@
 //! Lease over once `renewTime + leaseDurationSeconds` has passed. Every write
 //! is a replace carrying the `resourceVersion` that was read, so of two
 //! candidates racing for an expired Lease the API server lets exactly one win
-//! (the other gets 409 Conflict). A leader that cannot renew before its lease
-//! would expire reports the loss and the process exits, as client-go's
-//! leader election does, so that a stale leader never acts alongside a new one.
+//! (the other gets 409 Conflict).
+//!
+//! A leader that cannot renew within [`LeaseConfig::renew_deadline`] (two
+//! thirds of the lease duration, as client-go's 10 s of 15 s) reports the
+//! loss and the process exits. The deadline counts from the start of the last
+//! successful attempt, which is before the `renewTime` it wrote, and each
+//! attempt is cut off at the deadline, so a leader whose requests hang still
+//! stops before any other replica may take the Lease over: a stale leader
+//! never acts alongside a new one.
 
 use std::time::Duration;
 
@@ -18,6 +24,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::Error;
 use crate::error::http_status;
@@ -29,6 +36,7 @@ pub struct LeaseConfig {
     pub name: String,
     /// This replica's identity (its pod name).
     pub identity: String,
+    /// Written as whole seconds, rounded up.
     pub lease_duration: Duration,
     pub renew_every: Duration,
 }
@@ -40,8 +48,21 @@ impl LeaseConfig {
             name: name.into(),
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(5),
+            renew_every: Duration::from_secs(2),
         }
+    }
+
+    /// A leader that has not renewed for this long stops acting: two thirds
+    /// of the lease duration, so it has stopped before the lease expires.
+    pub fn renew_deadline(&self) -> Duration {
+        self.lease_duration * 2 / 3
+    }
+
+    /// `leaseDurationSeconds`: the duration rounded up to whole seconds (at
+    /// least one), so that others never see a shorter lease than ours.
+    fn lease_seconds(&self) -> i32 {
+        let seconds = self.lease_duration.as_secs_f64().ceil().max(1.0);
+        seconds.min(f64::from(i32::MAX)) as i32
     }
 }
 
@@ -105,7 +126,7 @@ fn held_by_us(
     }
     lease.spec = Some(LeaseSpec {
         holder_identity: Some(config.identity.clone()),
-        lease_duration_seconds: Some(config.lease_duration.as_secs() as i32),
+        lease_duration_seconds: Some(config.lease_seconds()),
         renew_time: Some(MicroTime(now)),
         ..spec
     });
@@ -145,8 +166,8 @@ pub async fn try_acquire_or_renew(api: &Api<Lease>, config: &LeaseConfig) -> Res
     }
 }
 
-/// Leadership held by this replica. `lost` turns true when renewing failed
-/// for a whole lease duration.
+/// Leadership held by this replica. `lost` turns true when another replica
+/// took the Lease or renewing failed for [`LeaseConfig::renew_deadline`].
 pub struct Leadership {
     pub lost: watch::Receiver<bool>,
     renewer: tokio::task::JoinHandle<()>,
@@ -161,38 +182,56 @@ impl Drop for Leadership {
 /// Waits until this replica holds the Lease, then keeps renewing it in the
 /// background.
 pub async fn acquire(api: Api<Lease>, config: LeaseConfig) -> Leadership {
-    loop {
-        match try_acquire_or_renew(&api, &config).await {
-            Ok(true) => break,
-            Ok(false) => tracing::debug!(lease = %config.name, "another replica leads"),
-            Err(error) => tracing::warn!(%error, "leader election"),
+    let renewed = loop {
+        let started = Instant::now();
+        let attempt = tokio::time::timeout_at(
+            started + config.renew_deadline(),
+            try_acquire_or_renew(&api, &config),
+        );
+        match attempt.await {
+            Ok(Ok(true)) => break started,
+            Ok(Ok(false)) => tracing::debug!(lease = %config.name, "another replica leads"),
+            Ok(Err(error)) => tracing::warn!(%error, "leader election"),
+            Err(_) => tracing::warn!(lease = %config.name, "leader election: no answer in time"),
         }
         tokio::time::sleep(config.renew_every).await;
-    }
+    };
     tracing::info!(lease = %config.name, identity = %config.identity, "became leader");
     let (lost_tx, lost) = watch::channel(false);
     let renewer = tokio::spawn(async move {
-        let mut last_renewed = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(config.renew_every).await;
-            match try_acquire_or_renew(&api, &config).await {
-                Ok(true) => last_renewed = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::error!(lease = %config.name, "lost the lease to another replica");
-                    let _ = lost_tx.send(true);
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot renew the lease");
-                    if last_renewed.elapsed() >= config.lease_duration {
-                        let _ = lost_tx.send(true);
-                        return;
-                    }
-                }
-            }
-        }
+        renew_until_lost(&api, &config, renewed).await;
+        let _ = lost_tx.send(true);
     });
     Leadership { lost, renewer }
+}
+
+/// Renews every `renew_every` until the Lease is lost: another replica holds
+/// it, or no attempt succeeded within the renew deadline of the last
+/// successful one (which started at `renewed`).
+async fn renew_until_lost(api: &Api<Lease>, config: &LeaseConfig, mut renewed: Instant) {
+    loop {
+        let deadline = renewed + config.renew_deadline();
+        tokio::time::sleep_until((Instant::now() + config.renew_every).min(deadline)).await;
+        let started = Instant::now();
+        match tokio::time::timeout_at(deadline, try_acquire_or_renew(api, config)).await {
+            Ok(Ok(true)) => renewed = started,
+            Ok(Ok(false)) => {
+                tracing::error!(lease = %config.name, "lost the lease to another replica");
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot renew the lease");
+                if Instant::now() >= deadline {
+                    tracing::error!(lease = %config.name, "could not renew the lease in time");
+                    return;
+                }
+            }
+            Err(_) => {
+                tracing::error!(lease = %config.name, deadline = ?config.renew_deadline(), "could not renew the lease in time");
+                return;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +279,18 @@ mod tests {
             next_step(Some(&Lease::default()), "me", at(0)),
             LeaseStep::TakeOver
         );
+    }
+
+    #[test]
+    fn the_lease_is_written_in_whole_seconds_rounded_up_and_the_deadline_is_shorter() {
+        let mut config = LeaseConfig::new("stoker-system", "stoker-controller", "me");
+        assert_eq!(config.lease_seconds(), 15);
+        assert_eq!(config.renew_deadline(), Duration::from_secs(10));
+        config.lease_duration = Duration::from_millis(2500);
+        assert_eq!(config.lease_seconds(), 3);
+        config.lease_duration = Duration::from_millis(100);
+        assert_eq!(config.lease_seconds(), 1);
+        assert!(config.renew_deadline() < config.lease_duration);
     }
 
     #[test]

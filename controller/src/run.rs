@@ -56,6 +56,16 @@ pub struct Config {
 
 /// Runs the controller until leadership is lost or a fatal error.
 pub async fn run(client: Client, config: Config) -> Result<(), Error> {
+    run_with_agents(client, config, None).await
+}
+
+/// [`run`], with the agent calls going to `agents` when given instead of
+/// over gRPC to the agent pods (tests and simulations).
+pub async fn run_with_agents(
+    client: Client,
+    config: Config,
+    agents: Option<Arc<dyn AgentApi>>,
+) -> Result<(), Error> {
     let metrics = Metrics::new()?;
     let (addr, _server) = metrics.clone().serve(config.metrics_addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
@@ -72,13 +82,17 @@ pub async fn run(client: Client, config: Config) -> Result<(), Error> {
     }
 
     let directory = Arc::new(AgentDirectory::new());
-    let tls = config
-        .agent_tls
-        .as_ref()
-        .map(AgentTlsFiles::load)
-        .transpose()?;
-    let agents: Arc<dyn AgentApi> =
-        Arc::new(GrpcAgents::new(directory.clone(), config.agent_port, tls));
+    let agents: Arc<dyn AgentApi> = match agents {
+        Some(agents) => agents,
+        None => {
+            let tls = config
+                .agent_tls
+                .as_ref()
+                .map(AgentTlsFiles::load)
+                .transpose()?;
+            Arc::new(GrpcAgents::new(directory.clone(), config.agent_port, tls))
+        }
+    };
     let warmer = Warmer::new(agents.clone(), config.warmer.clone());
 
     // Deployments: one shared reflector, two subscribers.

@@ -86,3 +86,35 @@ async fn an_expired_lease_is_taken_over_with_its_resource_version_and_a_lost_rac
         .fail(409, "Conflict");
     assert!(!task.await.unwrap().unwrap());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewal_hangs_reports_the_loss_before_its_lease_expires() {
+    let (client, mut api) = mock_client();
+    let config = LeaseConfig::new("stoker-system", "stoker-controller", "replica-a");
+    let lease_duration = config.lease_duration;
+    let leases = kube::Api::namespaced(client, "stoker-system");
+    let started = tokio::time::Instant::now();
+    let task = tokio::spawn(stoker_controller::leader::acquire(leases, config));
+    expect(&mut api, Method::GET, &format!("{LEASE}/stoker-controller"))
+        .await
+        .fail(404, "NotFound");
+    expect(&mut api, Method::POST, LEASE)
+        .await
+        .echo(StatusCode::CREATED);
+    let mut leadership = task.await.unwrap();
+
+    // The first renewal reaches the API server, which never answers.
+    let unanswered = expect(&mut api, Method::GET, &format!("{LEASE}/stoker-controller")).await;
+    tokio::time::timeout(lease_duration * 2, leadership.lost.wait_for(|lost| *lost))
+        .await
+        .expect("the leader never noticed that it cannot renew")
+        .unwrap();
+    // Virtual time: the renewal was cut off at the renew deadline, before
+    // another replica could take the lease over.
+    let stopped_after = started.elapsed();
+    assert!(
+        stopped_after < lease_duration,
+        "stepped down after {stopped_after:?}, the lease lasts {lease_duration:?}"
+    );
+    drop(unanswered);
+}

@@ -1,8 +1,11 @@
 //! A scripted Kubernetes API server for reconcile tests: a kube `Client` over
 //! `tower-test`, and helpers that take the next request, check it exactly, and
-//! answer it.
+//! answer it. [`fake_api`] is the stateful alternative: an in-process API
+//! server that stores objects, for tests that run the whole controller.
 
 #![allow(dead_code)]
+
+pub mod fake_api;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
