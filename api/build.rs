@@ -27,6 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     tonic_prost_build::configure()
+        // Registry passwords and tokens: `Debug` is written by hand in lib.rs
+        // and never shows them.
+        .skip_debug([".stoker.agent.v1.RegistryCredential"])
         .build_client(true)
         .build_server(true)
         .compile_with_config(config, &protos, &includes)?;

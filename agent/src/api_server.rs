@@ -4,7 +4,9 @@
 //!
 //! Served on a unix socket (mode 0600, root only) for local tools, and on TCP
 //! with mutual TLS ([`crate::tls`]) for the controller: a client without a
-//! certificate from the configured CA is refused at the handshake.
+//! certificate from the configured CA is refused at the handshake. Both matter
+//! for `SetCredentials`, which hands the agent registry passwords and tokens
+//! ([`crate::credentials`]); nothing of a request's secrets is logged.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,8 +17,9 @@ use stoker_api::agent::agent_server::{Agent, AgentServer};
 use stoker_api::agent::{
     CancelPrefetchRequest, CancelPrefetchResponse, ContainerReadyRequest, ContainerReadyResponse,
     GetTraceRequest, GetTraceResponse, ListTracesRequest, ListTracesResponse, MountedImage,
-    PrefetchProgress, PrefetchRequest as PrefetchRequestMessage, StatusRequest, StatusResponse,
-    TraceEntry as TraceEntryMessage, TraceSummary as TraceSummaryMessage,
+    PrefetchProgress, PrefetchRequest as PrefetchRequestMessage, SetCredentialsRequest,
+    SetCredentialsResponse, StatusRequest, StatusResponse, TraceEntry as TraceEntryMessage,
+    TraceSummary as TraceSummaryMessage,
 };
 use stoker_format::{Digest, Plan};
 use tokio::net::{TcpListener, UnixListener};
@@ -26,6 +29,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use crate::AgentError;
+use crate::credentials::PushedCredentials;
 use crate::prefetch::{PrefetchRequest, PrefetchState, Prefetches, Progress};
 use crate::snapshotter::Snapshotter;
 use crate::tls::{self, ReloadingTls};
@@ -38,6 +42,9 @@ pub struct AgentService {
     prefetches: Arc<Prefetches>,
     /// Mounted images for `Status`; none without a snapshotter.
     snapshotter: Option<Arc<Snapshotter>>,
+    /// Where `SetCredentials` puts registry credentials: the store the node's
+    /// registry client asks ([`AgentService::with_credentials`]). None: refused.
+    credentials: Option<Arc<PushedCredentials>>,
 }
 
 impl AgentService {
@@ -50,7 +57,15 @@ impl AgentService {
             traces,
             prefetches,
             snapshotter,
+            credentials: None,
         }
+    }
+
+    /// Serves `SetCredentials` into `credentials`, the store given to the registry
+    /// client as its [`stoker_registry::CredentialSource`].
+    pub fn with_credentials(mut self, credentials: Arc<PushedCredentials>) -> AgentService {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// The tonic service to add to a server. Traces can be large: responses are
@@ -232,6 +247,24 @@ impl Agent for AgentService {
         }
         Ok(Response::new(ContainerReadyResponse {
             trace_closed: self.traces.close_for_container(&container).await,
+        }))
+    }
+
+    async fn set_credentials(
+        &self,
+        request: Request<SetCredentialsRequest>,
+    ) -> Result<Response<SetCredentialsResponse>, Status> {
+        let Some(store) = &self.credentials else {
+            return Err(Status::unimplemented(
+                "this agent has no store for pushed registry credentials",
+            ));
+        };
+        let credentials = request.into_inner().credentials;
+        let stored = store.set(&credentials).map_err(Status::from)?;
+        // Registries and counts only: never a username, password or token.
+        debug!(received = credentials.len(), stored, "SetCredentials");
+        Ok(Response::new(SetCredentialsResponse {
+            stored: u32::try_from(stored).unwrap_or(u32::MAX),
         }))
     }
 }

@@ -21,12 +21,15 @@
 //! - [`prefetch`]: the prefetch executor that warms the chunk cache from plans;
 //! - [`api_server`], [`tls`]: the agent API (`stoker.agent.v1`) on a unix socket and on
 //!   TCP with mutual TLS;
+//! - [`credentials`]: registry credentials pushed by the controller from image pull
+//!   secrets, in memory only, asked per image before the docker config;
 //! - [`warm_gate`], [`node_gate`]: the startup taint that holds pods off a new node
 //!   until its plans are on disk, lifted by the agent on its own Node.
 
 pub mod api_server;
 pub mod config;
 pub mod containerd_check;
+pub mod credentials;
 pub mod lazy_mount;
 pub mod node_gate;
 pub mod prefetch;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use stoker_agent::api_server::{self, AgentService};
+use stoker_agent::credentials::PushedCredentials;
 use stoker_agent::lazy_mount::RegistryLazyMounter;
 use stoker_agent::node_gate;
 use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
@@ -70,7 +71,9 @@ async fn main() -> anyhow::Result<()> {
             .context("serving the metrics endpoint")?;
         tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
     }
-    let registry = registry_client(&config)?;
+    // Pull-secret credentials from the controller (SetCredentials), in memory only.
+    let pushed_credentials = Arc::new(PushedCredentials::new());
+    let registry = registry_client(&config, Arc::clone(&pushed_credentials))?;
     let cache_dir = config.cache_dir();
     let cache = stoker_cache::ChunkCache::open(&cache_dir, config.cache.max_bytes)
         .with_context(|| format!("opening the chunk cache {}", cache_dir.display()))?;
@@ -135,7 +138,8 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&traces),
         prefetches,
         Some(Arc::clone(&snapshotter)),
-    );
+    )
+    .with_credentials(pushed_credentials);
     let api_listener =
         server::bind_unix_socket(&config.api_socket).context("binding the agent API socket")?;
     tracing::info!(socket = %config.api_socket.display(), "serving the agent API");
@@ -201,9 +205,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The registry client for the node: HTTPS, plain HTTP for the configured insecure
-/// registries (and, after HTTPS fails, for loopback ones), credentials from the
-/// configured docker config file or the default one.
-fn registry_client(config: &Config) -> anyhow::Result<stoker_registry::RegistryClient> {
+/// registries (and, after HTTPS fails, for loopback ones), credentials pushed by the
+/// controller (per image, first) or from the configured docker config file or the
+/// default one.
+fn registry_client(
+    config: &Config,
+    pushed_credentials: Arc<PushedCredentials>,
+) -> anyhow::Result<stoker_registry::RegistryClient> {
     let request_timeout = std::time::Duration::from_secs(config.timeouts.request_secs);
     let registry_config = stoker_registry::RegistryConfig {
         insecure_hosts: config.registry.insecure.clone(),
@@ -214,6 +222,7 @@ fn registry_client(config: &Config) -> anyhow::Result<stoker_registry::RegistryC
             .docker_config
             .clone()
             .or_else(stoker_registry::default_docker_config_path),
+        credential_source: Some(pushed_credentials),
         request_timeout,
         read_deadline: request_timeout * 2,
         ..Default::default()
