@@ -61,6 +61,7 @@ test-faults: deps
 	$(CARGO) test -p stoker-registry --test faults 2>&1 | tee -a "$$log"; \
 	$(CARGO) test -p stoker-lazyfs --test faults -- --nocapture --test-threads=3 2>&1 | tee -a "$$log"; \
 	$(CARGO) test -p stoker-agent --test lazy_e2e --test restart_reads --test prefetch_kill --test start_registry_down --test credentials -- --nocapture 2>&1 | tee -a "$$log"; \
+	$(CARGO) test -p stoker-controller --test failover --test leader_mock -- --nocapture 2>&1 | tee -a "$$log"; \
 	echo; echo "Recovery after the fault clears (full log: $$log)"; \
 	grep -ho 'RECOVERY | [^|]* | [0-9.]*' "$$log" | awk -F' [|] ' '{ printf "  %-75s %8s ms\n", $$2, $$3 }'
 

@@ -387,7 +387,7 @@ fn check_standby_finished(
         ms(since_expiry(first_write.at)),
     );
     println!(
-        "RECOVERY | controller {scenario}: lease expiry to the standby's first ImagePrefetch status write | {:.0}",
+        "RECOVERY | controller {scenario}: expiry to the standby's status write | {:.0}",
         ms(since_expiry(first_status.at))
     );
 }
