@@ -73,6 +73,13 @@ impl LazyFs {
         }
     }
 
+    /// Numbers this session's file handles from `first` on (a resumed session must
+    /// not reuse the handles of the session before it).
+    pub(crate) fn with_first_file_handle(self, first: u64) -> Self {
+        self.next_fh.store(first, Ordering::Relaxed);
+        self
+    }
+
     fn inode(&self, ino: INodeNo) -> Result<Inode, Errno> {
         id_of(ino)
             .and_then(|id| self.index.inode(id))

@@ -50,13 +50,21 @@
 //!
 //! ## Threads and runtime
 //!
-//! FUSE requests are served by [`MountOptions::n_threads`] threads, each with its
-//! own `/dev/fuse` descriptor. The [`Fetcher`] is async: reads that need the
-//! registry block their FUSE thread on a tokio runtime — the caller's if
+//! FUSE requests are served by [`MountOptions::n_threads`] threads reading the one
+//! `/dev/fuse` file of the mount (not per-thread clones, so that a process that
+//! dies leaves its unanswered requests to the next one: see [`resume`]). The
+//! [`Fetcher`] is async: reads that need the registry block their FUSE thread on a
+//! tokio runtime — the caller's if
 //! [`mount`] is called inside a multi-threaded one, otherwise a small runtime
 //! shared by every mount in the process.
 //!
-//! `unsafe` is limited to the `mount(2)`/`umount2(2)` calls.
+//! ## Restarts
+//!
+//! [`resume`] serves a mount again from its kept `/dev/fuse` descriptor in a new
+//! process, without the processes using it seeing an error (see `mount.rs`).
+//!
+//! `unsafe` is limited to the `mount(2)`/`umount2(2)` calls and the FUSE
+//! descriptor hand-over (`dup3(2)`, the resend notification).
 
 mod attr;
 mod fs;
@@ -66,6 +74,7 @@ mod passthrough;
 mod read;
 mod trace;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -83,6 +92,12 @@ pub use trace::ChunkAccess;
 pub enum LazyFsError {
     #[error("cannot mount the image at {mountpoint}")]
     Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot resume serving the mount at {mountpoint}")]
+    Resume {
         mountpoint: PathBuf,
         #[source]
         source: std::io::Error,
@@ -120,6 +135,48 @@ pub fn mount(
     mountpoint: &Path,
     options: MountOptions,
 ) -> Result<MountHandle, LazyFsError> {
+    let (fs, shared) = filesystem(index, fetcher, &options)?;
+    mount::mount_session(fs, shared, mountpoint, &options)
+}
+
+/// Serves `index` again on a mount that an earlier process made with [`mount`]
+/// and that is still mounted at `mountpoint`: `fuse_device` is that mount's
+/// `/dev/fuse` descriptor ([`MountHandle::fuse_device`]), kept open meanwhile by
+/// another process. Processes using the mount see no error: their requests
+/// waited in the kernel and are answered now, including those the earlier
+/// process had read but not answered (Linux 6.9+). `index` must be the image the
+/// mount served.
+///
+/// A resumed mount never uses passthrough: the kernel fails an open (EIO) whose
+/// mode differs from the other opens of the same file, and the opens the earlier
+/// process answered are unknown here. So every open is answered in the cached
+/// mode. Limitation: a file that the earlier process opened with passthrough and
+/// that is still open cannot be opened again until it is closed (the kernel
+/// would need the same backing file, which only the earlier process knew).
+pub fn resume(
+    index: Arc<Index>,
+    fetcher: Fetcher,
+    mountpoint: &Path,
+    fuse_device: OwnedFd,
+    options: MountOptions,
+) -> Result<MountHandle, LazyFsError> {
+    let options = MountOptions {
+        passthrough: false,
+        ..options
+    };
+    let (fs, shared) = filesystem(index, fetcher, &options)?;
+    // File handles the earlier process gave out may still be in use: number ours
+    // from a point they cannot have reached.
+    let fs = fs.with_first_file_handle(resumed_file_handle_base());
+    mount::resume_session(fs, shared, mountpoint, fuse_device, &options)
+}
+
+/// The filesystem for `index` and the state its mount handle shares with it.
+fn filesystem(
+    index: Arc<Index>,
+    fetcher: Fetcher,
+    options: &MountOptions,
+) -> Result<(fs::LazyFs, Arc<Shared>), LazyFsError> {
     let runtime = fetch_runtime()?;
     let metrics = Arc::new(metrics::Metrics::new());
     let assembler = match &options.assembly {
@@ -160,7 +217,18 @@ pub fn mount(
         options.passthrough,
         options.default_permissions,
     );
-    mount::mount_session(fs, shared, mountpoint, &options)
+    Ok((fs, shared))
+}
+
+/// The first file handle of a resumed session: nanoseconds since the epoch.
+/// An earlier session started at 1, or at its own (earlier) resume time, and
+/// handed out at most one handle per open, so it cannot have reached this.
+fn resumed_file_handle_base() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1 << 62, |elapsed| {
+            u64::try_from(elapsed.as_nanos()).unwrap_or(1 << 62)
+        })
 }
 
 /// The runtime fetches run on: the caller's if it is multi-threaded (a

@@ -3,20 +3,35 @@
 //!
 //! This crate opens `/dev/fuse` and calls `mount(2)` itself (as root) instead of
 //! letting fuser do it, so the process owns the FUSE connection's file
-//! descriptor explicitly: [`MountHandle::fuse_device`] can later be handed to a
-//! successor process so that a restarted agent keeps its mounts alive.
+//! descriptor explicitly: [`MountHandle::fuse_device`] can be kept by another
+//! process (the agent's supervisor), and [`resume_session`] serves the same
+//! connection again in a new process, so that a restarted agent keeps its mounts
+//! alive.
+//!
+//! ## Resuming a connection
+//!
+//! The kernel negotiates a FUSE connection once, with the `INIT` request, and a
+//! connection stays alive while any process holds its `/dev/fuse` descriptor:
+//! requests made while nobody serves it wait in the kernel's queue. fuser can only
+//! start a session with that handshake, so a resumed session is started on one end
+//! of a socket pair that carries a synthetic `INIT` (the kernel never sees the
+//! answer), and the session's descriptor is then replaced, with `dup3(2)`, by the
+//! connection's own. Requests the dead process had read but not answered are
+//! handed out again with `FUSE_NOTIFY_RESEND` (Linux 6.9+); every operation of
+//! this read-only filesystem is safe to run twice.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 
-use fuser::{BackgroundSession, Config, Session, SessionACL};
+use fuser::{BackgroundSession, Config, InitFlags, Session, SessionACL};
 use tracing::{info, warn};
 
 use crate::passthrough::AssemblyOptions;
@@ -202,28 +217,20 @@ pub(crate) fn mount_session(
     mountpoint: &Path,
     options: &MountOptions,
 ) -> Result<MountHandle, LazyFsError> {
-    let mount_error = |source: io::Error| LazyFsError::Mount {
-        mountpoint: mountpoint.to_path_buf(),
-        source,
-    };
-    let mountpoint = mountpoint.canonicalize().map_err(mount_error)?;
+    let mountpoint = checked_mountpoint(mountpoint)?;
     let mount_error = |source: io::Error| LazyFsError::Mount {
         mountpoint: mountpoint.clone(),
         source,
     };
-    if !mountpoint.is_dir() {
-        return Err(mount_error(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "mount point is not a directory",
-        )));
-    }
     let device: File = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map_err(|e| LazyFsError::Mount {
-            mountpoint: mountpoint.clone(),
-            source: io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")),
+        .map_err(|e| {
+            mount_error(io::Error::new(
+                e.kind(),
+                format!("cannot open /dev/fuse: {e}"),
+            ))
         })?;
     let device = OwnedFd::from(device);
     sys_mount(&device, &mountpoint, options).map_err(mount_error)?;
@@ -231,15 +238,7 @@ pub(crate) fn mount_session(
     // From here on the kernel has a mount; undo it on any failure.
     let started = (|| {
         let kept = device.try_clone()?;
-        let mut config = Config::default();
-        config.n_threads = Some(options.n_threads.max(1));
-        config.clone_fd = true;
-        let acl = if options.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
-        };
-        let session = Session::from_fd(fs, device, acl, config)?;
+        let session = Session::from_fd(fs, device, session_acl(options), session_config(options))?;
         Ok::<_, io::Error>((session.spawn()?, kept))
     })();
     match started {
@@ -261,6 +260,160 @@ pub(crate) fn mount_session(
             }
             Err(mount_error(e))
         }
+    }
+}
+
+/// Serves `fs` on the live FUSE connection `device` that is mounted at
+/// `mountpoint` and was negotiated by an earlier process (see the module docs).
+/// Requests that waited while nobody served the connection are answered now.
+pub(crate) fn resume_session(
+    fs: crate::fs::LazyFs,
+    shared: Arc<Shared>,
+    mountpoint: &Path,
+    device: OwnedFd,
+    options: &MountOptions,
+) -> Result<MountHandle, LazyFsError> {
+    let mountpoint = checked_mountpoint(mountpoint)?;
+    let resume_error = |source: io::Error| LazyFsError::Resume {
+        mountpoint: mountpoint.clone(),
+        source,
+    };
+    let (session_end, kernel_side) = UnixDatagram::pair().map_err(resume_error)?;
+    kernel_side
+        .send(&synthetic_init(options))
+        .map_err(resume_error)?;
+    let session = Session::from_fd(
+        fs,
+        OwnedFd::from(session_end),
+        session_acl(options),
+        session_config(options),
+    )
+    .map_err(resume_error)?;
+    drop(kernel_side);
+    // SAFETY: both descriptors are open: `device` is owned here and the session's
+    // descriptor is owned by `session`, which no thread uses yet (it is not
+    // spawned). dup3 atomically makes the session's descriptor number refer to the
+    // FUSE connection; `session` keeps owning (and will close) that number.
+    let rc = unsafe {
+        libc::dup3(
+            device.as_raw_fd(),
+            session.as_fd().as_raw_fd(),
+            libc::O_CLOEXEC,
+        )
+    };
+    if rc < 0 {
+        return Err(resume_error(io::Error::last_os_error()));
+    }
+    resend_pending_requests(&device, &mountpoint);
+    let session = session.spawn().map_err(resume_error)?;
+    info!(mountpoint = %mountpoint.display(), threads = options.n_threads, "resumed the FUSE connection of a mount");
+    Ok(MountHandle {
+        mountpoint,
+        session: Some(session),
+        fuse_device: device,
+        shared,
+    })
+}
+
+/// The canonical path of `mountpoint`, which must be a directory.
+fn checked_mountpoint(mountpoint: &Path) -> Result<PathBuf, LazyFsError> {
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|source| LazyFsError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })?;
+    if !canonical.is_dir() {
+        return Err(LazyFsError::Mount {
+            mountpoint: canonical,
+            source: io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "mount point is not a directory",
+            ),
+        });
+    }
+    Ok(canonical)
+}
+
+fn session_acl(options: &MountOptions) -> SessionACL {
+    if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    }
+}
+
+/// Every session thread reads from the one `/dev/fuse` file, not from clones of
+/// it: the kernel fails a clone's unanswered requests when the clone is closed, so
+/// requests in flight when the process dies would fail (ECONNABORTED) instead of
+/// waiting for the next process, which can resume the connection only through a
+/// file someone kept open.
+fn session_config(options: &MountOptions) -> Config {
+    let mut config = Config::default();
+    config.n_threads = Some(options.n_threads.max(1));
+    config.clone_fd = false;
+    config
+}
+
+/// A FUSE `INIT` request, as the kernel sends it, offering what this filesystem
+/// asks for (see `LazyFs::init`). Its answer goes nowhere: the kernel keeps what it
+/// negotiated with the first process. Passthrough is offered when wanted; if the
+/// connection did not negotiate it, opening a backing file fails and the
+/// filesystem switches passthrough off.
+fn synthetic_init(options: &MountOptions) -> Vec<u8> {
+    const FUSE_INIT: u32 = 26;
+    const IN_HEADER_LEN: usize = 40;
+    const INIT_IN_LEN: usize = 64;
+    let mut offered = InitFlags::FUSE_INIT_EXT
+        | InitFlags::FUSE_ASYNC_READ
+        | InitFlags::FUSE_DO_READDIRPLUS
+        | InitFlags::FUSE_CACHE_SYMLINKS
+        | InitFlags::FUSE_PARALLEL_DIROPS
+        | InitFlags::FUSE_MAX_PAGES;
+    if options.passthrough {
+        offered |= InitFlags::FUSE_PASSTHROUGH;
+    }
+    let flags = offered.bits();
+    let len = (IN_HEADER_LEN + INIT_IN_LEN) as u32;
+    let mut message = Vec::with_capacity(IN_HEADER_LEN + INIT_IN_LEN);
+    // fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, extlen + padding.
+    message.extend_from_slice(&len.to_ne_bytes());
+    message.extend_from_slice(&FUSE_INIT.to_ne_bytes());
+    message.extend_from_slice(&1u64.to_ne_bytes());
+    message.extend_from_slice(&0u64.to_ne_bytes());
+    message.extend_from_slice(&[0u8; 16]);
+    // fuse_init_in: major, minor, max_readahead, flags, flags2, unused[11].
+    message.extend_from_slice(&7u32.to_ne_bytes());
+    message.extend_from_slice(&40u32.to_ne_bytes());
+    message.extend_from_slice(&(128u32 << 10).to_ne_bytes());
+    message.extend_from_slice(&(flags as u32).to_ne_bytes());
+    message.extend_from_slice(&((flags >> 32) as u32).to_ne_bytes());
+    message.resize(IN_HEADER_LEN + INIT_IN_LEN, 0);
+    message
+}
+
+/// Asks the kernel to queue again the requests a dead server had read but not
+/// answered (`FUSE_NOTIFY_RESEND`, Linux 6.9+). Without it those requests, and the
+/// processes waiting on them, would wait forever; so a kernel that refuses is
+/// logged as an error, and the rest of the connection is still served.
+fn resend_pending_requests(device: &OwnedFd, mountpoint: &Path) {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // fuse_out_header: len, error (the notification code), unique 0 for notifications.
+    let mut notification = [0u8; 16];
+    notification[..4].copy_from_slice(&16u32.to_ne_bytes());
+    notification[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: `device` is an open /dev/fuse descriptor and `notification` is a
+    // readable buffer of the length passed; write(2) does not keep the pointer.
+    let rc = unsafe {
+        libc::write(
+            device.as_raw_fd(),
+            notification.as_ptr().cast(),
+            notification.len(),
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        tracing::error!(mountpoint = %mountpoint.display(), error = %e, "the kernel cannot resend requests the previous agent had read (needs Linux 6.9+); processes waiting on those requests stay blocked");
     }
 }
 
