@@ -11,11 +11,18 @@
 //!    ranged GETs into the node's one [`ChunkCache`], shared by every image;
 //! 3. [`stoker_lazyfs::mount`] serves the index at the mountpoint.
 //!
+//! With an [fd keeper](crate::fd_keeper) (the agent runs under its
+//! [supervisor](crate::supervisor)), every mount's `/dev/fuse` descriptor is handed
+//! to the keeper, and a mount the keeper held across a restart of the agent is
+//! resumed ([`stoker_lazyfs::resume`]) instead of mounted again, so the containers
+//! using it never see an error.
+//!
 //! The mounted images are kept by mountpoint; [`RegistryLazyMounter::mounted`] gives
 //! their index, fetcher and mount handle to the trace recorder and the prefetch
 //! executor, so that they trace the same mount and warm the same fetcher.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -28,6 +35,7 @@ use stoker_lazyfs::{MountHandle, MountOptions};
 use stoker_registry::RegistryClient;
 
 use crate::AgentError;
+use crate::fd_keeper::KeeperClient;
 use crate::snapshotter::{LazyImage, LazyMounter};
 
 /// One image mounted by a [`RegistryLazyMounter`]. Cheap to clone.
@@ -63,6 +71,10 @@ pub struct RegistryLazyMounter {
     /// Verified index blobs by digest (`<dir>/<hex>`); `None`: always fetched.
     index_dir: Option<PathBuf>,
     mounted: Mutex<HashMap<PathBuf, MountedLazyImage>>,
+    /// Where mounts' FUSE descriptors are kept across agent restarts.
+    keeper: Option<KeeperClient>,
+    /// Mounts still alive from before a restart, not resumed yet, by mountpoint.
+    resumable: Mutex<HashMap<PathBuf, OwnedFd>>,
 }
 
 impl RegistryLazyMounter {
@@ -80,6 +92,51 @@ impl RegistryLazyMounter {
             mount_options,
             index_dir: None,
             mounted: Mutex::new(HashMap::new()),
+            keeper: None,
+            resumable: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hands every mount's FUSE descriptor to `keeper`, and resumes the mounts in
+    /// `kept` (mountpoint and descriptor, from before a restart) when the
+    /// snapshotter mounts their images again.
+    pub fn with_fd_keeper(
+        mut self,
+        keeper: KeeperClient,
+        kept: Vec<(PathBuf, OwnedFd)>,
+    ) -> RegistryLazyMounter {
+        self.keeper = Some(keeper);
+        self.resumable = Mutex::new(kept.into_iter().collect());
+        self
+    }
+
+    /// Lets go of the kept mounts that were not resumed (their images are no longer
+    /// on record): the keeper closes them, so the kernel ends their connections,
+    /// and the snapshotter detaches them when it finds them dead.
+    pub fn release_unresumed(&self) {
+        let unresumed: Vec<PathBuf> = lock(&self.resumable)
+            .drain()
+            .map(|(path, _)| path)
+            .collect();
+        for mountpoint in unresumed {
+            tracing::warn!(mountpoint = %mountpoint.display(), "a mount kept across the restart has no image on record; releasing it");
+            self.forget_kept(&mountpoint);
+        }
+    }
+
+    fn keep(&self, mountpoint: &Path, handle: &MountHandle) {
+        if let Some(keeper) = &self.keeper
+            && let Err(e) = keeper.keep(mountpoint, handle.fuse_device())
+        {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot hand the mount to the fd keeper; it will not survive an agent restart");
+        }
+    }
+
+    fn forget_kept(&self, mountpoint: &Path) {
+        if let Some(keeper) = &self.keeper
+            && let Err(e) = keeper.forget(mountpoint)
+        {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "telling the fd keeper a mount is gone");
         }
     }
 
@@ -141,9 +198,7 @@ impl RegistryLazyMounter {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, MountedLazyImage>> {
-        // A panic while holding the lock cannot leave the map half-updated (each
-        // critical section is one insert/remove/read), so a poisoned lock is usable.
-        self.mounted.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.mounted)
     }
 
     async fn mount_image(
@@ -174,19 +229,40 @@ impl RegistryLazyMounter {
 
         // mount(2) and starting the session threads block; the lazy filesystem uses
         // this runtime (found from the blocking thread) for its fetches.
+        let kept = lock(&self.resumable).remove(mountpoint);
+        let resuming = kept.is_some();
         let (mount_index, mount_fetcher) = (Arc::clone(&index), fetcher.clone());
         let (target, options) = (mountpoint.to_path_buf(), self.mount_options.clone());
-        let handle = tokio::task::spawn_blocking(move || {
-            stoker_lazyfs::mount(mount_index, mount_fetcher, &target, options)
+        let handle = tokio::task::spawn_blocking(move || match kept {
+            Some(fuse_device) => {
+                stoker_lazyfs::resume(mount_index, mount_fetcher, &target, fuse_device, options)
+            }
+            None => stoker_lazyfs::mount(mount_index, mount_fetcher, &target, options),
         })
         .await
-        .map_err(|e| failed(format!("mount task failed: {e}")))?
-        .map_err(|e| failed(error_chain(&e)))?;
+        .map_err(|e| failed(format!("mount task failed: {e}")))?;
+        let handle = match handle {
+            Ok(handle) => handle,
+            Err(e) if resuming => {
+                // Nobody can serve the old connection now: let it end, so that the
+                // snapshotter finds the mount dead, detaches it and mounts afresh.
+                self.forget_kept(mountpoint);
+                return Err(failed(format!(
+                    "resuming the mount kept across the restart: {}",
+                    error_chain(&e)
+                )));
+            }
+            Err(e) => return Err(failed(error_chain(&e))),
+        };
+        if !resuming {
+            self.keep(mountpoint, &handle);
+        }
         tracing::info!(
             image = %image.image_ref,
             index = %image.index_digest,
             inodes = index.inode_count(),
             mountpoint = %mountpoint.display(),
+            resumed = resuming,
             "lazy filesystem mounted"
         );
         Ok(MountedLazyImage {
@@ -199,6 +275,10 @@ impl RegistryLazyMounter {
 }
 
 impl LazyMounter for RegistryLazyMounter {
+    fn can_resume(&self, mountpoint: &Path) -> bool {
+        lock(&self.resumable).contains_key(mountpoint)
+    }
+
     fn mount<'a>(
         &'a self,
         image: &'a LazyImage,
@@ -224,6 +304,7 @@ impl LazyMounter for RegistryLazyMounter {
             let Some(mounted) = self.lock().remove(mountpoint) else {
                 return Ok(());
             };
+            self.forget_kept(mountpoint);
             let target = mountpoint.to_path_buf();
             tokio::task::spawn_blocking(move || match Arc::try_unwrap(mounted.handle) {
                 Ok(handle) => handle.unmount(),
@@ -242,6 +323,12 @@ impl LazyMounter for RegistryLazyMounter {
             })
         })
     }
+}
+
+/// Locks `mutex`. Each critical section here is one map operation, so a poisoned
+/// map is whole and usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An error and its sources, `: `-separated.

@@ -24,18 +24,22 @@
 //! - [`credentials`]: registry credentials pushed by the controller from image pull
 //!   secrets, in memory only, asked per image before the docker config;
 //! - [`warm_gate`], [`node_gate`]: the startup taint that holds pods off a new node
-//!   until its plans are on disk, lifted by the agent on its own Node.
+//!   until its plans are on disk, lifted by the agent on its own Node;
+//! - [`supervisor`], [`fd_keeper`]: the parent process that keeps the lazy mounts'
+//!   FUSE connections open while the agent's worker process restarts.
 
 pub mod api_server;
 pub mod config;
 pub mod containerd_check;
 pub mod credentials;
+pub mod fd_keeper;
 pub mod lazy_mount;
 pub mod node_gate;
 pub mod prefetch;
 pub mod resolver;
 pub mod server;
 pub mod snapshotter;
+pub mod supervisor;
 pub mod tls;
 pub mod trace;
 pub mod warm_gate;

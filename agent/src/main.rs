@@ -9,7 +9,13 @@
 //! the background (`stoker_agent::node_gate`).
 //! Runs with no arguments; `--config FILE` and `STOKER_*` environment variables
 //! change the settings (see agent/README.md).
+//!
+//! The process started is a small supervisor (`stoker_agent::supervisor`) that runs
+//! the agent itself as a worker child process and keeps the lazy mounts' FUSE
+//! connections open while that worker restarts; `--supervise false`
+//! (`STOKER_SUPERVISE=false`) runs the agent in this process alone.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -17,11 +23,13 @@ use anyhow::Context;
 use clap::Parser;
 use stoker_agent::api_server::{self, AgentService};
 use stoker_agent::credentials::PushedCredentials;
+use stoker_agent::fd_keeper::KeeperClient;
 use stoker_agent::lazy_mount::RegistryLazyMounter;
 use stoker_agent::node_gate;
 use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
 use stoker_agent::resolver::RegistryResolver;
 use stoker_agent::snapshotter::SnapshotterOptions;
+use stoker_agent::supervisor;
 use stoker_agent::tls::ReloadingTls;
 use stoker_agent::trace::{Traces, TracingMounter};
 use stoker_agent::{Config, Snapshotter, server};
@@ -41,10 +49,13 @@ struct Args {
     /// Print the effective configuration as YAML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Run the agent as a worker under a supervisor that keeps lazy mounts alive
+    /// across worker restarts (running containers keep reading).
+    #[arg(long, env = "STOKER_SUPERVISE", default_value_t = true, action = clap::ArgAction::Set)]
+    supervise: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -59,7 +70,32 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", serde_yaml::to_string(&config)?);
         return Ok(());
     }
+    let keeper_socket =
+        supervisor::worker_keeper_socket().context("starting as the supervisor's worker")?;
+    if keeper_socket.is_none() && args.supervise {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the supervisor's runtime")?;
+        let program = std::env::current_exe().context("finding the agent's own binary")?;
+        let code = runtime
+            .block_on(supervisor::supervise(
+                program.into_os_string(),
+                std::env::args_os().skip(1).collect(),
+            ))
+            .context("supervising the agent worker")?;
+        std::process::exit(code);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the agent's runtime")?
+        .block_on(run_agent(config, keeper_socket))
+}
 
+/// The agent itself: the snapshotter, the lazy mounts, the agent API and the warm
+/// gate, until SIGTERM or SIGINT. `keeper_socket` connects it to its supervisor.
+async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Result<()> {
     stoker_registry::install_crypto_provider();
     stoker_agent::containerd_check::log_containerd_config(&config.snapshotter_socket);
     // Before the first fetcher creates its instruments on the global meter.
@@ -82,15 +118,28 @@ async fn main() -> anyhow::Result<()> {
         ..stoker_fetch::FetchConfig::default()
     };
     // Indexes are kept on disk, so a restart re-mounts without the registry.
-    let lazy_mounter = Arc::new(
-        RegistryLazyMounter::new(
-            registry.clone(),
-            cache.clone(),
-            fetch_config.clone(),
-            stoker_lazyfs::MountOptions::default(),
-        )
-        .with_index_dir(config.state_dir.join("indexes")),
-    );
+    let mut lazy_mounter = RegistryLazyMounter::new(
+        registry.clone(),
+        cache.clone(),
+        fetch_config.clone(),
+        stoker_lazyfs::MountOptions::default(),
+    )
+    .with_index_dir(config.state_dir.join("indexes"));
+    if let Some(socket) = keeper_socket {
+        match KeeperClient::connect(socket) {
+            Ok((keeper, kept)) => {
+                tracing::info!(
+                    kept_mounts = kept.len(),
+                    "connected to the supervisor's fd keeper"
+                );
+                lazy_mounter = lazy_mounter.with_fd_keeper(keeper, kept);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reach the supervisor's fd keeper; mounts will not survive a restart")
+            }
+        }
+    }
+    let lazy_mounter = Arc::new(lazy_mounter);
     let traces = Arc::new(
         Traces::open(&config.trace_dir(), config.trace_options())
             .context("opening the trace directory")?,
@@ -110,6 +159,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("opening the snapshotter")?;
+    // Kept mounts of images no longer on record end now.
+    lazy_mounter.release_unresumed();
     // Mounts restored above serve containers started long ago: trace new ones only.
     mounter.start_recording();
     let snapshotter = Arc::new(snapshotter);

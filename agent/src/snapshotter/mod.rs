@@ -555,12 +555,24 @@ impl Snapshotter {
         Ok((lowers, None))
     }
 
-    /// Mounts `image` at its mountpoint unless a live mount is already there. A dead
-    /// one (e.g. a FUSE mount whose process died) is detached first.
+    /// Mounts `image` at its mountpoint unless a live mount is already there. A mount
+    /// kept across an agent restart is resumed; a dead one (e.g. a FUSE mount whose
+    /// process died) is detached first.
     async fn ensure_mounted(&self, image: &LazyImage) -> Result<(), AgentError> {
         let mountpoint = self.mountpoint(&image.index_digest);
         if mounts::is_mountpoint(&mountpoint) {
-            if mounts::answers_statfs(&mountpoint) {
+            if self.mounter.can_resume(&mountpoint) {
+                match self.mounter.mount(image, &mountpoint).await {
+                    Ok(()) => {
+                        tracing::info!(image = %image.image_ref, index = %image.index_digest, mountpoint = %mountpoint.display(), "resumed lazy image kept across the restart");
+                        return Ok(());
+                    }
+                    // Not probed: the connection may still be held open, unanswered.
+                    Err(e) => {
+                        tracing::error!(image = %image.image_ref, error = %e, "cannot resume a lazy mount kept across the restart; mounting it afresh")
+                    }
+                }
+            } else if mounts::answers_statfs(&mountpoint) {
                 return Ok(());
             }
             tracing::warn!(mountpoint = %mountpoint.display(), "detaching a dead lazy mount");

@@ -87,6 +87,14 @@ pub trait LazyMounter: Send + Sync {
         mountpoint: &'a Path,
     ) -> BoxFuture<'a, Result<(), AgentError>>;
 
+    /// True when a mount at `mountpoint` survived a restart of the agent and
+    /// [`mount`](Self::mount) will resume serving it rather than mount anew. The
+    /// snapshotter must not probe such a mount first: nobody answers it until it
+    /// is resumed. Default: false.
+    fn can_resume(&self, _mountpoint: &Path) -> bool {
+        false
+    }
+
     /// A container's writable snapshot was prepared on `image`. `container_id` is the
     /// last element of the active snapshot's key, which containerd sets to
     /// `<namespace>/<n>/<container ID>`. Default: nothing.

@@ -97,6 +97,10 @@ pub struct NewSnapshot {
 }
 
 /// The redb database holding every snapshot record.
+/// How long [`SnapshotStore::open`] waits for another process to close the store.
+const LOCKED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const LOCKED_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[derive(Debug)]
 pub struct SnapshotStore {
     db: Database,
@@ -104,9 +108,21 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
-    /// Opens (or creates) the database at `path`.
+    /// Opens (or creates) the database at `path`. While another process has it open
+    /// (a previous agent still exiting) it waits, up to [`LOCKED_WAIT`].
     pub fn open(path: &Path) -> Result<SnapshotStore, AgentError> {
-        let db = Database::create(path).map_err(|e| store_error(path, e))?;
+        let locked_since = std::time::Instant::now();
+        let db = loop {
+            match Database::create(path) {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if locked_since.elapsed() < LOCKED_WAIT =>
+                {
+                    tracing::warn!(path = %path.display(), "snapshot store is open in another process (a previous agent still exiting?); waiting");
+                    std::thread::sleep(LOCKED_RETRY);
+                }
+                other => break other.map_err(|e| store_error(path, e))?,
+            }
+        };
         let store = SnapshotStore {
             db,
             path: path.to_path_buf(),

@@ -68,6 +68,10 @@ impl TracingMounter {
 }
 
 impl LazyMounter for TracingMounter {
+    fn can_resume(&self, mountpoint: &Path) -> bool {
+        self.inner.can_resume(mountpoint)
+    }
+
     fn mount<'a>(
         &'a self,
         image: &'a LazyImage,

@@ -179,12 +179,38 @@ impl AgentProcess {
         assert!(up, "stoker-agent did not listen; log:\n{}", self.log_text());
     }
 
-    /// SIGKILL, as `kill -9`: no chance to clean up.
+    /// SIGKILL of the whole agent, supervisor and worker, as `kill -9` of its pod's
+    /// processes: no chance to clean up. Returns once both are gone.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let worker = worker_of(child.id());
             child.kill().expect("SIGKILL stoker-agent");
             child.wait().expect("reap stoker-agent");
+            // The worker dies with its supervisor (PR_SET_PDEATHSIG).
+            if let Some(worker) = worker {
+                assert!(
+                    wait_until(DEADLINE, POLL, || !process_alive(worker)),
+                    "the agent worker {worker} outlived its supervisor"
+                );
+            }
         }
+    }
+
+    /// The pid of the agent's worker process (the supervisor's child), if it runs.
+    pub fn worker_pid(&self) -> Option<u32> {
+        worker_of(self.child.as_ref()?.id())
+    }
+
+    /// SIGKILL of the agent's worker process only; its supervisor starts a new one.
+    /// Returns the killed worker's pid.
+    pub fn kill9_worker(&self) -> u32 {
+        let worker = self.worker_pid().expect("the agent has a worker process");
+        let status = Command::new("kill")
+            .args(["-9", &worker.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -9 {worker}");
+        worker
     }
 
     pub fn restart(&mut self) {
@@ -200,6 +226,23 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The first child of process `pid`.
+fn worker_of(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 
