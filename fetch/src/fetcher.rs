@@ -6,7 +6,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use stoker_cache::{CacheError, CachedChunk, ChunkCache, VerifiedChunk};
@@ -35,6 +35,11 @@ pub struct FetchConfig {
     /// Ranged requests under way at once for prefetch. Keep it below
     /// `max_in_flight` so on-demand reads always find a free slot.
     pub max_prefetch_in_flight: usize,
+    /// How long an on-demand read of a chunk whose fetch just failed at the source
+    /// gets the same error at once instead of asking the source again. The kernel
+    /// retries a failed page read immediately; without this the reader would wait
+    /// a second whole source deadline. Zero turns it off.
+    pub failure_memo: Duration,
 }
 
 impl Default for FetchConfig {
@@ -44,6 +49,7 @@ impl Default for FetchConfig {
             max_gap_bytes: 64 << 10,
             max_in_flight: 32,
             max_prefetch_in_flight: 10,
+            failure_memo: Duration::from_secs(1),
         }
     }
 }
@@ -140,6 +146,9 @@ struct Inner {
     metrics: Metrics,
     /// A full cache disk has been logged and not yet recovered.
     disk_full_reported: AtomicBool,
+    /// Chunks whose last fetch failed at the source: when, and the error
+    /// (see [`FetchConfig::failure_memo`]).
+    recent_failures: Mutex<HashMap<Digest, (Instant, FetchError)>>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -168,6 +177,7 @@ impl Fetcher {
                 on_demand_active: watch::Sender::new(0),
                 metrics: Metrics::new(),
                 disk_full_reported: AtomicBool::new(false),
+                recent_failures: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -209,6 +219,11 @@ impl Fetcher {
             .metrics
             .cache_lookups(hits.len() as u64, missing.len() as u64);
         let mut found: HashMap<Digest, ChunkData> = hits.into_iter().collect();
+        if priority == Priority::OnDemand
+            && let Some(error) = inner.recent_failure(&missing)
+        {
+            return Err(error);
+        }
 
         let _on_demand =
             (priority == Priority::OnDemand && !missing.is_empty()).then(|| OnDemand::enter(inner));
@@ -293,6 +308,40 @@ struct Claim {
 }
 
 impl Inner {
+    /// The error of a chunk of `locs` whose fetch failed at the source less than
+    /// [`FetchConfig::failure_memo`] ago, if any. Forgets older failures.
+    fn recent_failure(&self, locs: &[ChunkLocation]) -> Option<FetchError> {
+        let mut failures = self
+            .recent_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if failures.is_empty() {
+            return None;
+        }
+        let memo = self.config.failure_memo;
+        failures.retain(|_, (when, _)| when.elapsed() < memo);
+        locs.iter()
+            .find_map(|loc| failures.get(&loc.digest))
+            .map(|(_, error)| error.clone())
+    }
+
+    /// Remembers or forgets a chunk's failure, after its flight ended.
+    fn note_outcome(&self, digest: &Digest, outcome: &FlightResult) {
+        let mut failures = self
+            .recent_failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Err(error @ FetchError::Source { .. }) if !self.config.failure_memo.is_zero() => {
+                failures.insert(*digest, (Instant::now(), error.clone()));
+            }
+            _ if failures.is_empty() => {}
+            _ => {
+                failures.remove(digest);
+            }
+        }
+    }
+
     fn lock_flights(&self) -> MutexGuard<'_, HashMap<Digest, FlightSender>> {
         // The table is updated in single statements, so a poisoned lock still holds
         // a consistent table.
@@ -633,6 +682,7 @@ impl Completion {
         if !self.pending.remove(digest) {
             return;
         }
+        self.inner.note_outcome(digest, &outcome);
         let flight = self.inner.lock_flights().remove(digest);
         if let Some(flight) = flight {
             flight.send_replace(Some(outcome));

@@ -30,7 +30,11 @@
 //!
 //! Retries of failed reads (network errors, 429, 5xx) and the per-read deadline
 //! belong to the [`BlobSource`] (the registry client); the fetcher's only retry
-//! is the one re-fetch of a chunk that failed verification.
+//! is the one re-fetch of a chunk that failed verification. A chunk whose fetch
+//! failed at the source is answered with the same error, without a request, to
+//! on-demand reads for [`FetchConfig::failure_memo`] (1 s) after: the kernel
+//! retries a failed page read at once, and would otherwise wait out a second
+//! deadline before the reader gets its EIO.
 //!
 //! Fetch work runs in tokio tasks, so a caller that gives up (an interrupted read)
 //! does not cancel a fetch others are waiting for. The fetcher must be used from

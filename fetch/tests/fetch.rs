@@ -384,8 +384,62 @@ async fn a_single_flipped_response_is_retried_and_the_right_bytes_served() {
 }
 
 #[tokio::test]
-async fn a_source_error_is_reported_and_the_next_read_recovers() {
+async fn a_read_right_after_a_source_failure_gets_the_error_without_a_request() {
     let f = fixture(FetchConfig::default());
+    let blob = make_blob(8, 2, 10_000, 0);
+    f.source.add(&blob);
+    *f.source.fail.lock().unwrap() = Some(FetchSourceError::new("registry down", true));
+    let err = f.fetcher.get_chunk(&blob.locs[0]).await.unwrap_err();
+    assert!(matches!(err, FetchError::Source { .. }), "{err}");
+    assert_eq!(f.source.requests().len(), 1);
+
+    // The kernel's immediate retry of the page: same error, no second wait.
+    *f.source.fail.lock().unwrap() = None;
+    let again = f.fetcher.get_chunk(&blob.locs[0]).await.unwrap_err();
+    assert_eq!(again.to_string(), err.to_string());
+    assert_eq!(f.source.requests().len(), 1, "no request for the retry");
+    // Other chunks are not affected.
+    let other = f.fetcher.get_chunk(&blob.locs[1]).await.unwrap();
+    assert_eq!(bytes_of(&other), blob.chunks[1]);
+}
+
+#[tokio::test]
+async fn a_remembered_source_failure_expires_and_the_chunk_is_fetched() {
+    let f = fixture(FetchConfig {
+        failure_memo: Duration::from_millis(50),
+        ..FetchConfig::default()
+    });
+    let blob = make_blob(8, 1, 10_000, 0);
+    f.source.add(&blob);
+    *f.source.fail.lock().unwrap() = Some(FetchSourceError::new("registry down", true));
+    f.fetcher.get_chunk(&blob.locs[0]).await.unwrap_err();
+    *f.source.fail.lock().unwrap() = None;
+    let started = Instant::now();
+    loop {
+        match f.fetcher.get_chunk(&blob.locs[0]).await {
+            Ok(data) => {
+                assert_eq!(bytes_of(&data), blob.chunks[0]);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "still failing: {e}"
+                );
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    assert_eq!(f.source.requests().len(), 2, "one request after the memo");
+}
+
+#[tokio::test]
+async fn a_source_error_is_reported_and_the_next_read_recovers() {
+    // Without the failure memo, the very next read asks the source again.
+    let f = fixture(FetchConfig {
+        failure_memo: Duration::ZERO,
+        ..FetchConfig::default()
+    });
     let blob = make_blob(8, 2, 10_000, 0);
     f.source.add(&blob);
     *f.source.fail.lock().unwrap() = Some(FetchSourceError::new("registry down", true));

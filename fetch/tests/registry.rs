@@ -41,7 +41,13 @@ async fn chunks_come_from_a_real_registry_coalesced_verified_and_survive_an_outa
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ChunkCache::open(cache_dir.path(), 1 << 30).unwrap();
     let source = RegistrySource::new(client, repo);
-    let fetcher = Fetcher::new(Arc::new(source), cache, FetchConfig::default());
+    // Without the failure memo (tested in fetch.rs), so the read right after the
+    // registry is back goes to it.
+    let config = FetchConfig {
+        failure_memo: std::time::Duration::ZERO,
+        ..FetchConfig::default()
+    };
+    let fetcher = Fetcher::new(Arc::new(source), cache, config);
     registry.clear_requests();
 
     // A read of 8 adjacent chunks: one ranged GET, exact bytes.
