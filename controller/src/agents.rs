@@ -21,7 +21,8 @@ use kube::runtime::watcher;
 use stoker_api::agent::agent_client::AgentClient;
 use stoker_api::agent::{
     CancelPrefetchRequest, ContainerReadyRequest, GetTraceRequest, GetTraceResponse,
-    ListTracesRequest, PrefetchProgress, PrefetchRequest, TraceSummary,
+    ListTracesRequest, PrefetchProgress, PrefetchRequest, RegistryCredential,
+    SetCredentialsRequest, TraceSummary,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -58,6 +59,13 @@ pub trait AgentApi: Send + Sync + 'static {
         node: &str,
         container_id: &str,
     ) -> BoxFuture<'static, Result<bool, Error>>;
+    /// Hands `node`'s agent registry credentials from image pull secrets (kept in its
+    /// memory until their expiry). Returns how many the agent now holds.
+    fn set_credentials(
+        &self,
+        node: &str,
+        credentials: Vec<RegistryCredential>,
+    ) -> BoxFuture<'static, Result<u32, Error>>;
 }
 
 /// Node name → agent pod IP, from the agent pods' watch events.
@@ -358,6 +366,18 @@ impl AgentApi for GrpcAgents {
             c.container_ready(request).await
         });
         async move { Ok(call.await?.trace_closed) }.boxed()
+    }
+
+    fn set_credentials(
+        &self,
+        node: &str,
+        credentials: Vec<RegistryCredential>,
+    ) -> BoxFuture<'static, Result<u32, Error>> {
+        let request = SetCredentialsRequest { credentials };
+        let call = self.unary(node, move |mut c| async move {
+            c.set_credentials(request).await
+        });
+        async move { Ok(call.await?.stored) }.boxed()
     }
 }
 

@@ -10,7 +10,8 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use stoker_api::agent::{
-    GetTraceResponse, PrefetchProgress, PrefetchRequest, PrefetchState, TraceSummary,
+    GetTraceResponse, PrefetchProgress, PrefetchRequest, PrefetchState, RegistryCredential,
+    TraceSummary,
 };
 
 use crate::Error;
@@ -22,6 +23,14 @@ pub struct ReceivedPush {
     pub node: String,
     pub index_digest: String,
     pub plan_len: usize,
+    pub at: Instant,
+}
+
+/// One SetCredentials call an agent received.
+#[derive(Clone, Debug)]
+pub struct ReceivedCredentials {
+    pub node: String,
+    pub credentials: Vec<RegistryCredential>,
     pub at: Instant,
 }
 
@@ -38,6 +47,7 @@ pub struct FakeAgents {
     stalled: Mutex<HashSet<String>>,
     ready_calls: Mutex<Vec<(String, String)>>,
     cancels: Mutex<Vec<(String, String)>>,
+    credential_calls: Mutex<Vec<ReceivedCredentials>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -91,6 +101,11 @@ impl FakeAgents {
     /// CancelPrefetch calls received, as (node, index digest).
     pub fn cancels(&self) -> Vec<(String, String)> {
         lock(&self.cancels).clone()
+    }
+
+    /// Every SetCredentials call received so far.
+    pub fn credential_calls(&self) -> Vec<ReceivedCredentials> {
+        lock(&self.credential_calls).clone()
     }
 
     fn check_present(&self, node: &str) -> Result<(), Error> {
@@ -222,5 +237,22 @@ impl AgentApi for FakeAgents {
             }
         }
         async move { Ok(closed) }.boxed()
+    }
+
+    fn set_credentials(
+        &self,
+        node: &str,
+        credentials: Vec<RegistryCredential>,
+    ) -> BoxFuture<'static, Result<u32, Error>> {
+        let result = self.check_present(node).map(|()| {
+            let stored = credentials.len() as u32;
+            lock(&self.credential_calls).push(ReceivedCredentials {
+                node: node.to_string(),
+                credentials,
+                at: Instant::now(),
+            });
+            stored
+        });
+        async move { result }.boxed()
     }
 }

@@ -11,7 +11,9 @@
 //!    records plan and summary in the ImagePrefetch status ([`reconcile`]).
 //! 2. **Warming**: when a node that can run the workload appears, or the
 //!    workload scales up, the controller pushes the plan to each candidate
-//!    node's agent and tracks the progress ([`warmer`], [`candidates`]).
+//!    node's agent and tracks the progress ([`warmer`], [`candidates`]), after
+//!    the registry credentials of the workload's image pull secrets
+//!    ([`pull_secrets`]).
 //! 3. **Gating**: new nodes registered with the startup taint get a warm
 //!    target annotation listing the plans they must hold; the agent lifts the
 //!    taint when they are on disk ([`gate`], `stoker_crds::warm_gate`).
@@ -33,6 +35,7 @@ pub mod gate;
 pub mod leader;
 pub mod learning;
 pub mod metrics;
+pub mod pull_secrets;
 pub mod rbac;
 pub mod reconcile;
 pub mod run;

@@ -189,6 +189,23 @@ pub const REQUIRED: &[ApiCall] = &[
     call(
         Controller,
         "get",
+        "",
+        "serviceaccounts",
+        Cluster,
+        "the image pull secrets of a workload's ServiceAccount (pods without their own)",
+    ),
+    call(
+        Controller,
+        "get",
+        "",
+        "secrets",
+        Cluster,
+        "the image pull secrets a workload names, for the registry credentials sent to \
+         the agents warming it (get by name only: never list or watch)",
+    ),
+    call(
+        Controller,
+        "get",
         "coordination.k8s.io",
         "leases",
         OwnNamespace,

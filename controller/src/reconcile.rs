@@ -32,6 +32,7 @@ use crate::Error;
 use crate::agents::AgentApi;
 use crate::learning::{self, LearnedPlan, TracePick};
 use crate::metrics::Metrics;
+use crate::pull_secrets;
 use crate::status::{self, Observed, Problem};
 use crate::warmer::{PlanPush, Target, TargetKey, Warmer};
 use crate::workload::{self, Workload};
@@ -270,6 +271,16 @@ async fn apply(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action
             }),
         }
     }
+    // The images' registry credentials from the pods' pull secrets, for the agents
+    // to read the images with; read again each reconcile, so changes are picked up.
+    let mut credentials = Vec::new();
+    if !plans.is_empty() {
+        let images: Vec<&str> = plans.iter().map(|p| p.image.as_str()).collect();
+        let pulled =
+            pull_secrets::read(&ctx.client, &namespace, &workload.deployments, &images).await?;
+        problems.extend(pulled.problems);
+        credentials = pulled.credentials;
+    }
     ctx.warmer.set_target(
         &key,
         Target {
@@ -278,6 +289,7 @@ async fn apply(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action
             plans,
             gate: policy.gate_scheduling,
             warm_timeout_seconds: policy.warm_timeout_seconds,
+            credentials,
         },
     );
     if scaled_up {

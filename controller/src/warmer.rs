@@ -20,6 +20,14 @@
 //! push finishes or fails, the ImagePrefetch objects that want it are
 //! reported through [`Warmer::changed`] so their status is refreshed.
 //!
+//! Registry credentials from the workload's image pull secrets
+//! ([`Target::credentials`], read by [`crate::pull_secrets`]) go to a node's agent
+//! with `SetCredentials` before each Prefetch, stamped to expire after
+//! [`WarmerConfig::credentials_lifetime`]. The nodes already pushed to get them again
+//! when they change, and at the latest [`WarmerConfig::credentials_refresh`] after
+//! the last send (checked at each [`Warmer::set_target`], which every reconcile
+//! calls), and when their agent reappears (it may have restarted and forgotten them).
+//!
 //! Gated nodes (those with the startup taint) get their warm target, the
 //! plans they must hold before the agent lifts the taint, computed by
 //! [`Warmer::gate_target`]; the nodes whose target may have changed are
@@ -28,13 +36,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::ObjectRef;
-use stoker_api::agent::{PrefetchRequest, PrefetchState};
+use stoker_api::agent::{PrefetchRequest, PrefetchState, RegistryCredential};
 use stoker_crds::warm_gate::{STARTUP_TAINT_KEY, WARM_TARGET_ANNOTATION, WarmTarget};
 use stoker_crds::{ImagePrefetch, NodeCounts};
 use tokio::sync::{Notify, Semaphore};
@@ -79,6 +87,9 @@ pub struct Target {
     /// Gate new nodes on these plans.
     pub gate: bool,
     pub warm_timeout_seconds: u32,
+    /// Registry credentials for the plans' images, from the workload's image pull
+    /// secrets; `expires_at_unix` is stamped when they are sent.
+    pub credentials: Vec<RegistryCredential>,
 }
 
 impl Target {
@@ -101,6 +112,11 @@ pub struct WarmerConfig {
     pub retry_base: Duration,
     /// Warm timeout of gated nodes that no gating plan applies to.
     pub default_warm_timeout_seconds: u32,
+    /// How long an agent may use the pull-secret credentials it was sent.
+    pub credentials_lifetime: Duration,
+    /// Credentials are sent again this long after the last send (at the next
+    /// reconcile); kept below half the lifetime.
+    pub credentials_refresh: Duration,
 }
 
 impl Default for WarmerConfig {
@@ -110,6 +126,8 @@ impl Default for WarmerConfig {
             max_attempts: 5,
             retry_base: Duration::from_secs(2),
             default_warm_timeout_seconds: 600,
+            credentials_lifetime: Duration::from_secs(30 * 60),
+            credentials_refresh: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -140,6 +158,8 @@ struct NodeSlot {
 struct TargetEntry {
     target: Target,
     candidates: NodeSet,
+    /// Fingerprint of the credentials last sent to the nodes, and when.
+    credentials_sent: Option<(u64, Instant)>,
 }
 
 #[derive(Default)]
@@ -174,10 +194,21 @@ struct StartPush {
     name: Arc<str>,
     plan: PlanPush,
     revision: u64,
+    /// Sent with SetCredentials before the plan; none: not called.
+    credentials: Vec<RegistryCredential>,
+}
+
+/// A SetCredentials outside a push, decided under the lock and sent after it.
+struct SendCredentials {
+    name: Arc<str>,
+    credentials: Vec<RegistryCredential>,
 }
 
 impl Warmer {
-    pub fn new(agents: Arc<dyn AgentApi>, config: WarmerConfig) -> Arc<Self> {
+    pub fn new(agents: Arc<dyn AgentApi>, mut config: WarmerConfig) -> Arc<Self> {
+        config.credentials_refresh = config
+            .credentials_refresh
+            .min(config.credentials_lifetime / 2);
         Arc::new(Warmer {
             state: Mutex::new(State::default()),
             agents,
@@ -213,7 +244,8 @@ impl Warmer {
                 if is {
                     entry.candidates.insert(id);
                     for plan in &entry.target.plans {
-                        state_want(&mut state.pushes, &mut starts, id, &name, plan);
+                        let credentials = &entry.target.credentials;
+                        state_want(&mut state.pushes, &mut starts, id, &name, plan, credentials);
                     }
                 } else {
                     entry.candidates.remove(id);
@@ -267,6 +299,7 @@ impl Warmer {
     /// The node's agent became reachable: pushes waiting for it go ahead.
     pub fn agent_appeared(self: &Arc<Self>, node: &str) {
         let mut starts = Vec::new();
+        let mut sends = Vec::new();
         {
             let mut state = self.lock();
             let state = &mut *state;
@@ -276,23 +309,33 @@ impl Warmer {
             let name = state.name_of(id);
             for entry in state.targets.values() {
                 if entry.candidates.contains(id) {
+                    let credentials = &entry.target.credentials;
                     for plan in &entry.target.plans {
                         let key = (id, plan.revision());
                         if matches!(state.pushes.get(&key), Some(PushState::NoAgent)) {
                             state.pushes.remove(&key);
                         }
-                        state_want(&mut state.pushes, &mut starts, id, &name, plan);
+                        state_want(&mut state.pushes, &mut starts, id, &name, plan, credentials);
+                    }
+                    // A restarted agent has forgotten them.
+                    if !credentials.is_empty() {
+                        sends.push(SendCredentials {
+                            name: name.clone(),
+                            credentials: credentials.clone(),
+                        });
                     }
                 }
             }
         }
         self.after_change(starts);
+        self.send_credentials(sends);
     }
 
     /// Sets what an ImagePrefetch wants. Rescans the nodes when its placement
     /// changed; pushes any plan a candidate does not have yet.
     pub fn set_target(self: &Arc<Self>, key: &TargetKey, target: Target) {
         let mut starts = Vec::new();
+        let mut sends = Vec::new();
         {
             let mut state = self.lock();
             let state = &mut *state;
@@ -342,9 +385,18 @@ impl Warmer {
             for id in candidates.iter() {
                 let name = state.name_of(id);
                 for plan in &target.plans {
-                    state_want(&mut state.pushes, &mut starts, id, &name, plan);
+                    let credentials = &target.credentials;
+                    state_want(&mut state.pushes, &mut starts, id, &name, plan, credentials);
                 }
             }
+            let credentials_sent = self.credentials_to_refresh(
+                state,
+                previous.as_ref(),
+                &target,
+                &candidates,
+                &starts,
+                &mut sends,
+            );
             if gates_changed || !placement_same {
                 for id in candidates.iter().chain(old_candidates.iter()) {
                     if let Some(slot) = &state.nodes[id as usize]
@@ -355,11 +407,60 @@ impl Warmer {
                 }
             }
             state.forget_unwanted_pushes();
-            state
-                .targets
-                .insert(key.clone(), TargetEntry { target, candidates });
+            state.targets.insert(
+                key.clone(),
+                TargetEntry {
+                    target,
+                    candidates,
+                    credentials_sent,
+                },
+            );
         }
         self.after_change(starts);
+        self.send_credentials(sends);
+    }
+
+    /// The nodes to send a target's credentials to outside a push: those already
+    /// pushed to (not being pushed to now) when the credentials changed or the last
+    /// send is `credentials_refresh` old. Returns what to record as the last send.
+    fn credentials_to_refresh(
+        &self,
+        state: &State,
+        previous: Option<&TargetEntry>,
+        target: &Target,
+        candidates: &NodeSet,
+        starts: &[StartPush],
+        sends: &mut Vec<SendCredentials>,
+    ) -> Option<(u64, Instant)> {
+        if target.credentials.is_empty() {
+            return None;
+        }
+        let fingerprint = credentials_fingerprint(&target.credentials);
+        let last = previous.and_then(|p| p.credentials_sent);
+        if let Some((sent, at)) = last
+            && sent == fingerprint
+            && at.elapsed() < self.config.credentials_refresh
+        {
+            return last;
+        }
+        for id in candidates.iter() {
+            if starts.iter().any(|s| s.node == id) {
+                continue;
+            }
+            let reached = target.plans.iter().any(|plan| {
+                state
+                    .pushes
+                    .get(&(id, plan.revision()))
+                    .is_some_and(|push| *push != PushState::NoAgent)
+            });
+            if reached {
+                sends.push(SendCredentials {
+                    name: state.name_of(id),
+                    credentials: target.credentials.clone(),
+                });
+            }
+        }
+        Some((fingerprint, Instant::now()))
     }
 
     /// Forgets an ImagePrefetch. Returns the (node, index digest) pushes that
@@ -411,6 +512,7 @@ impl Warmer {
             };
             for id in entry.candidates.iter() {
                 let name = state.name_of(id);
+                let credentials = &entry.target.credentials;
                 for plan in &entry.target.plans {
                     let k = (id, plan.revision());
                     if matches!(
@@ -422,7 +524,7 @@ impl Warmer {
                     ) {
                         state.pushes.remove(&k);
                     }
-                    state_want(&mut state.pushes, &mut starts, id, &name, plan);
+                    state_want(&mut state.pushes, &mut starts, id, &name, plan, credentials);
                 }
             }
         }
@@ -618,6 +720,45 @@ impl Warmer {
         self.gates_notify.notify_one();
     }
 
+    /// Sends credentials outside pushes, each in a task of its own. A failure is
+    /// logged: the next push or refresh sends them again.
+    fn send_credentials(self: &Arc<Self>, sends: Vec<SendCredentials>) {
+        for send in sends {
+            let warmer = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = warmer.set_credentials(&send.name, &send.credentials).await {
+                    tracing::warn!(node = %send.name, %error, "refreshing pull-secret credentials failed");
+                }
+            });
+        }
+    }
+
+    /// SetCredentials on `node`, with the expiry stamped now.
+    async fn set_credentials(
+        &self,
+        node: &str,
+        credentials: &[RegistryCredential],
+    ) -> Result<(), Error> {
+        let expires_at_unix = unix_now().saturating_add(
+            i64::try_from(self.config.credentials_lifetime.as_secs()).unwrap_or(i64::MAX),
+        );
+        let stamped = credentials
+            .iter()
+            .map(|c| RegistryCredential {
+                expires_at_unix,
+                ..c.clone()
+            })
+            .collect();
+        match self.agents.set_credentials(node, stamped).await {
+            Ok(_) => Ok(()),
+            Err(Error::Agent { node, message }) => Err(Error::Agent {
+                node,
+                message: format!("sending pull-secret credentials: {message}"),
+            }),
+            Err(other) => Err(other),
+        }
+    }
+
     /// Pushes one plan to one node, with retries.
     async fn push(self: Arc<Self>, start: StartPush) {
         let StartPush {
@@ -625,6 +766,7 @@ impl Warmer {
             name,
             plan,
             revision,
+            credentials,
         } = start;
         let request = PrefetchRequest {
             image_ref: plan.image.clone(),
@@ -640,7 +782,15 @@ impl Warmer {
                 if !self.still_wanted(node, &name, revision) {
                     return;
                 }
-                self.follow(node, &name, revision, request.clone()).await
+                // The agent needs the credentials to read the image.
+                if credentials.is_empty() {
+                    self.follow(node, &name, revision, request.clone()).await
+                } else {
+                    match self.set_credentials(&name, &credentials).await {
+                        Ok(()) => self.follow(node, &name, revision, request.clone()).await,
+                        Err(error) => Err(error),
+                    }
+                }
             };
             let final_state = match outcome {
                 Ok(()) => PushState::Warm,
@@ -774,14 +924,15 @@ impl State {
     }
 }
 
-/// Starts a push of `plan` to node `id` unless one exists (running, warm,
-/// waiting for the agent or failed).
+/// Starts a push of `plan` (after `credentials`) to node `id` unless one exists
+/// (running, warm, waiting for the agent or failed).
 fn state_want(
     pushes: &mut HashMap<(NodeId, u64), PushState>,
     starts: &mut Vec<StartPush>,
     id: NodeId,
     name: &Arc<str>,
     plan: &PlanPush,
+    credentials: &[RegistryCredential],
 ) {
     let revision = plan.revision();
     if let std::collections::hash_map::Entry::Vacant(slot) = pushes.entry((id, revision)) {
@@ -794,8 +945,22 @@ fn state_want(
             name: name.clone(),
             plan: plan.clone(),
             revision,
+            credentials: credentials.to_vec(),
         });
     }
+}
+
+/// Identifies a set of credentials (their expiry is stamped later, and is 0 here).
+fn credentials_fingerprint(credentials: &[RegistryCredential]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    credentials.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn unwant(wanted_by: &mut HashMap<u64, Vec<TargetKey>>, revision: u64, key: &TargetKey) {

@@ -155,6 +155,21 @@ fn running_pod(name: &str, node: &str, container_id: &str) -> Pod {
     .unwrap()
 }
 
+/// Answers the GET of the `default` ServiceAccount: one without pull secrets.
+async fn answer_default_service_account(api: &mut common::ApiHandle) {
+    expect(
+        api,
+        Method::GET,
+        "/api/v1/namespaces/ml/serviceaccounts/default",
+    )
+    .await
+    .reply(
+        StatusCode::OK,
+        serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                           "metadata": {"name": "default", "namespace": "ml"}}),
+    );
+}
+
 #[tokio::test]
 async fn learning_from_a_pod_start_patches_status_pushes_the_plan_and_publishes_events() {
     let mut h = Harness::new();
@@ -182,6 +197,8 @@ async fn learning_from_a_pod_start_patches_status_pushes_the_plan_and_publishes_
         serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
                            "items": [running_pod("web-1", "gpu-1", "c1")]}),
     );
+    // The pods' pull secrets: the template names none, its ServiceAccount none.
+    answer_default_service_account(&mut h.api).await;
 
     // The status, by server-side apply on the status subresource.
     let patch = expect(
@@ -278,6 +295,7 @@ async fn learning_from_a_pod_start_patches_status_pushes_the_plan_and_publishes_
         serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
                            "items": [running_pod("web-1", "gpu-1", "c1")]}),
     );
+    answer_default_service_account(&mut h.api).await;
     let patch = expect(
         &mut h.api,
         Method::PATCH,
