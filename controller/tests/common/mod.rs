@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent_node;
 pub mod fake_api;
 
 use std::collections::BTreeMap;
