@@ -272,10 +272,12 @@ async fn apply(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action
         }
     }
     // The images' registry credentials from the pods' pull secrets, for the agents
-    // to read the images with; read again each reconcile, so changes are picked up.
+    // to read the images with (before any plan exists too: the first pods must be
+    // mounted lazily to teach one); read again each reconcile, so changes are
+    // picked up.
     let mut credentials = Vec::new();
-    if !plans.is_empty() {
-        let images: Vec<&str> = plans.iter().map(|p| p.image.as_str()).collect();
+    if !workload.deployments.is_empty() {
+        let images: Vec<&str> = workload.images.iter().map(String::as_str).collect();
         let pulled =
             pull_secrets::read(&ctx.client, &namespace, &workload.deployments, &images).await?;
         problems.extend(pulled.problems);

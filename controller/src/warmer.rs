@@ -23,10 +23,12 @@
 //! Registry credentials from the workload's image pull secrets
 //! ([`Target::credentials`], read by [`crate::pull_secrets`]) go to a node's agent
 //! with `SetCredentials` before each Prefetch, stamped to expire after
-//! [`WarmerConfig::credentials_lifetime`]. The nodes already pushed to get them again
-//! when they change, and at the latest [`WarmerConfig::credentials_refresh`] after
-//! the last send (checked at each [`Warmer::set_target`], which every reconcile
-//! calls), and when their agent reappears (it may have restarted and forgotten them).
+//! [`WarmerConfig::credentials_lifetime`], and to every candidate node even before a
+//! plan exists (the first pods of a private image must be mounted lazily to teach
+//! one). Candidates get them again when they change, at the latest
+//! [`WarmerConfig::credentials_refresh`] after the last send (checked at each
+//! [`Warmer::set_target`], which every reconcile calls), and when their agent
+//! reappears (it may have restarted and forgotten them).
 //!
 //! Gated nodes (those with the startup taint) get their warm target, the
 //! plans they must hold before the agent lifts the taint, computed by
@@ -232,6 +234,7 @@ impl Warmer {
         };
         let pruned = Arc::new(prune_node(node));
         let mut starts = Vec::new();
+        let mut sends = Vec::new();
         {
             let mut state = self.lock();
             let state = &mut *state;
@@ -243,9 +246,18 @@ impl Warmer {
                 let is = entry.target.accepts(&pruned);
                 if is {
                     entry.candidates.insert(id);
+                    let credentials = &entry.target.credentials;
+                    let starting = starts.len();
                     for plan in &entry.target.plans {
-                        let credentials = &entry.target.credentials;
                         state_want(&mut state.pushes, &mut starts, id, &name, plan, credentials);
+                    }
+                    // A new candidate gets the credentials even without a plan to
+                    // push yet: its first pods are mounted lazily and teach the plan.
+                    if !was && starts.len() == starting && !credentials.is_empty() {
+                        sends.push(SendCredentials {
+                            name: name.clone(),
+                            credentials: credentials.clone(),
+                        });
                     }
                 } else {
                     entry.candidates.remove(id);
@@ -259,6 +271,7 @@ impl Warmer {
             }
         }
         self.after_change(starts);
+        self.send_credentials(sends);
     }
 
     /// A node was deleted.
@@ -420,9 +433,11 @@ impl Warmer {
         self.send_credentials(sends);
     }
 
-    /// The nodes to send a target's credentials to outside a push: those already
-    /// pushed to (not being pushed to now) when the credentials changed or the last
-    /// send is `credentials_refresh` old. Returns what to record as the last send.
+    /// The nodes to send a target's credentials to outside a push: every candidate
+    /// not being pushed to now, when the credentials changed or the last send is
+    /// `credentials_refresh` old. Candidates get them before any plan exists, so
+    /// that their first pods of a private image are mounted lazily and traced.
+    /// Returns what to record as the last send.
     fn credentials_to_refresh(
         &self,
         state: &State,
@@ -444,16 +459,7 @@ impl Warmer {
             return last;
         }
         for id in candidates.iter() {
-            if starts.iter().any(|s| s.node == id) {
-                continue;
-            }
-            let reached = target.plans.iter().any(|plan| {
-                state
-                    .pushes
-                    .get(&(id, plan.revision()))
-                    .is_some_and(|push| *push != PushState::NoAgent)
-            });
-            if reached {
+            if !starts.iter().any(|s| s.node == id) {
                 sends.push(SendCredentials {
                     name: state.name_of(id),
                     credentials: target.credentials.clone(),
@@ -726,8 +732,13 @@ impl Warmer {
         for send in sends {
             let warmer = self.clone();
             tokio::spawn(async move {
-                if let Err(error) = warmer.set_credentials(&send.name, &send.credentials).await {
-                    tracing::warn!(node = %send.name, %error, "refreshing pull-secret credentials failed");
+                match warmer.set_credentials(&send.name, &send.credentials).await {
+                    Ok(()) => {}
+                    // Sent when the agent appears.
+                    Err(Error::NoAgent(_)) => {}
+                    Err(error) => {
+                        tracing::warn!(node = %send.name, %error, "sending pull-secret credentials failed");
+                    }
                 }
             });
         }

@@ -433,3 +433,42 @@ async fn credentials_are_refreshed_on_the_period_and_when_an_agent_reappears() {
         "new-pw"
     );
 }
+
+#[tokio::test]
+async fn candidates_get_the_credentials_before_any_plan_exists() {
+    // The first pods of a private image must be mounted lazily to teach a plan: the
+    // credentials go to every candidate node at once, and to nodes that join.
+    let agents = Arc::new(FakeAgents::new());
+    let warmer = Warmer::new(agents.clone(), WarmerConfig::default());
+    warmer.node_applied(&node("gpu-1", "gpu", false));
+    warmer.node_applied(&node("cpu-1", "cpu", false));
+    let web = web(&[], None);
+    let key = kube::runtime::reflector::ObjectRef::new("web").within(NAMESPACE);
+    warmer.set_target(
+        &key,
+        Target {
+            placements: vec![stoker_controller::candidates::PodScheduling::from_pod_spec(
+                web.spec.template.spec.as_ref().expect("pod spec"),
+            )],
+            credentials: vec![credential("pw")],
+            ..Target::default()
+        },
+    );
+    eventually("credentials on gpu-1", || {
+        agents.credential_calls().len() == 1
+    })
+    .await;
+    warmer.node_applied(&node("gpu-2", "gpu", false));
+    eventually("credentials on gpu-2", || {
+        agents.credential_calls().len() == 2
+    })
+    .await;
+    let mut nodes: Vec<String> = agents
+        .credential_calls()
+        .into_iter()
+        .map(|c| c.node)
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, ["gpu-1", "gpu-2"], "not the cpu node: no candidate");
+    assert_eq!(agents.push_count(), 0, "no plan yet");
+}

@@ -331,7 +331,7 @@ async fn a_status_conflict_is_retried_with_backoff() {
     let web = deployment("web", 1, true);
     h.add_deployment(&web);
     let mut prefetch = prefetch_for(&web);
-    // Learning is complete: no pod listing, straight to the status.
+    // Learning is complete: no pod listing; the pull secrets, then the status.
     prefetch.spec.policy.learn_from_starts = 1;
     prefetch.status = Some(ImagePrefetchStatus {
         images: vec![stoker_crds::ImageStatus {
@@ -343,6 +343,7 @@ async fn a_status_conflict_is_retried_with_backoff() {
     });
     let prefetch = Arc::new(prefetch);
     let task = tokio::spawn(reconcile::reconcile(prefetch.clone(), h.ctx.clone()));
+    answer_default_service_account(&mut h.api).await;
     expect(
         &mut h.api,
         Method::PATCH,
@@ -386,6 +387,7 @@ async fn throttling_and_server_errors_are_retried_with_backoff_forbidden_is_not(
         (403, "Forbidden", "kube_client_error", false),
     ] {
         let task = tokio::spawn(reconcile::reconcile(prefetch.clone(), h.ctx.clone()));
+        answer_default_service_account(&mut h.api).await;
         expect(
             &mut h.api,
             Method::PATCH,
