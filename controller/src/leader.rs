@@ -38,6 +38,8 @@ pub struct LeaseConfig {
     pub identity: String,
     /// Written as whole seconds, rounded up.
     pub lease_duration: Duration,
+    /// Renewal period, and the candidates' retry period. Keep it well below
+    /// [`LeaseConfig::renew_deadline`], so that a leader gets several tries.
     pub renew_every: Duration,
 }
 
