@@ -2,7 +2,7 @@
 //! layout directory. Also the conversion driver, which streams every layer of
 //! each selected platform through the merge and the packer.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,12 +12,13 @@ use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use stoker_format::{ChunkTable, Digest, Index, NodeId, NodeKind, Tree};
 use stoker_registry::RegistryClient;
 use tokio::sync::mpsc;
+use tokio_util::bytes::Bytes;
 
 use crate::artifact::{self, ConvertReport};
 use crate::layer::{Compression, DigestingReader, layer_error, parse_entry};
 use crate::layout::OciLayout;
 use crate::merge::{Applied, LayerMerger};
-use crate::pack::{PackerHandle, StagedBlob};
+use crate::pack::{BlobSink, BlobUpload, PackerHandle, StagedBlob};
 use crate::{ConvertError, ConvertOptions};
 
 const MEDIA_INDEX: &[&str] = &[
@@ -133,55 +134,57 @@ impl ImageStore {
         }
     }
 
-    /// A blocking reader over a blob, for the layer reader's thread. Registry
-    /// blobs are streamed, and the registry client checks their digest at the end.
+    /// A blocking reader over a blob, for the layer reader's thread, filled
+    /// ahead by a task (registry) or a thread (layout) so that fetching overlaps
+    /// decompression. The blob's digest is checked on the way: if it does not
+    /// match, reading its end fails.
     fn open_blob(
         &self,
         digest: &Digest,
         runtime: &tokio::runtime::Handle,
-    ) -> Result<Box<dyn Read + Send>, ConvertError> {
+    ) -> Result<BlobReader, ConvertError> {
+        let (pieces, reader) = BlobReader::channel();
         match self {
             ImageStore::Registry { client, repository } => {
-                let stream = client
-                    .blob_stream(repository, digest)
-                    .map(|piece| piece.map_err(std::io::Error::other));
-                let reader = tokio_util::io::StreamReader::new(stream);
-                Ok(Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
-                    Box::pin(reader),
-                    runtime.clone(),
-                )))
+                // The registry client checks the digest at the end of the stream.
+                let mut stream = client.blob_stream(repository, digest);
+                runtime.spawn(async move {
+                    while let Some(piece) = stream.next().await {
+                        let failed = piece.is_err();
+                        let piece = piece.map_err(std::io::Error::other);
+                        if pieces.send(piece).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    let _ = pieces.send(Ok(Bytes::new())).await;
+                });
             }
-            ImageStore::Layout(layout) => layout.open_blob(digest),
+            ImageStore::Layout(layout) => {
+                let path = layout.blob_path(digest);
+                let file = std::fs::File::open(&path).map_err(|e| ConvertError::io(&path, e))?;
+                let expected = *digest;
+                std::thread::Builder::new()
+                    .name("stoker-read".into())
+                    .spawn(move || read_file_ahead(file, &path, &expected, &pieces))
+                    .map_err(|e| ConvertError::Internal(format!("cannot start a reader: {e}")))?;
+            }
         }
+        Ok(reader)
     }
 
-    /// Stores a staged blob and deletes the staging file.
-    async fn put_staged(&self, blob: &StagedBlob) -> Result<(), ConvertError> {
+    /// Stores a staged blob in a layout (the registry store streams its blobs
+    /// instead, see [`start_upload`]).
+    fn put_staged(&self, blob: StagedBlob) -> Result<(), ConvertError> {
         match self {
-            ImageStore::Registry { client, repository } => {
-                if !client.blob_exists(repository, &blob.digest).await? {
-                    let file = tokio::fs::File::open(&blob.path)
-                        .await
-                        .map_err(|e| ConvertError::io(&blob.path, e))?;
-                    let (digest, _) = client
-                        .push_blob_stream(
-                            repository,
-                            tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
-                        )
-                        .await?;
-                    if digest != blob.digest {
-                        return Err(ConvertError::DigestMismatch {
-                            what: format!("staged blob {}", blob.path.display()),
-                            expected: blob.digest,
-                            actual: digest,
-                        });
-                    }
-                }
+            ImageStore::Registry { .. } => Err(ConvertError::Internal(
+                "registry blobs are streamed, not staged".into(),
+            )),
+            ImageStore::Layout(layout) => {
+                layout.put_blob_file(&blob.digest, &blob.path)?;
+                let _ = std::fs::remove_file(&blob.path);
+                Ok(())
             }
-            ImageStore::Layout(layout) => layout.put_blob_file(&blob.digest, &blob.path)?,
         }
-        let _ = tokio::fs::remove_file(&blob.path).await;
-        Ok(())
     }
 
     pub(crate) async fn put_blob(&self, bytes: &[u8]) -> Result<Digest, ConvertError> {
@@ -276,6 +279,163 @@ fn at_selector(repository: &Reference, selector: &str) -> Reference {
     }
 }
 
+/// Read-ahead depth of a blob reader, in pieces (network reads, or
+/// [`LAYOUT_READ_BYTES`] from a file).
+const READ_AHEAD_PIECES: usize = 256;
+
+/// A layout blob is read ahead in pieces of this size.
+const LAYOUT_READ_BYTES: usize = 1 << 20;
+
+/// The layer reader's end of a blob read ahead by a task or a thread. The
+/// producer sends the blob in pieces, then an empty piece once the whole blob
+/// was read and its digest matched; an error ends the blob early.
+pub struct BlobReader {
+    pieces: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+    ended: bool,
+}
+
+impl BlobReader {
+    fn channel() -> (mpsc::Sender<std::io::Result<Bytes>>, BlobReader) {
+        let (sender, pieces) = mpsc::channel(READ_AHEAD_PIECES);
+        (
+            sender,
+            BlobReader {
+                pieces,
+                current: Bytes::new(),
+                ended: false,
+            },
+        )
+    }
+}
+
+impl std::io::BufRead for BlobReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.current.is_empty() && !self.ended {
+            match self.pieces.blocking_recv() {
+                Some(Ok(piece)) if piece.is_empty() => self.ended = true,
+                Some(Ok(piece)) => self.current = piece,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "blob reader stopped before the end of the blob",
+                    ));
+                }
+            }
+        }
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let _ = self.current.split_to(amount.min(self.current.len()));
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::BufRead;
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Reads a layout blob into `pieces`, hashing it; ends with an empty piece if
+/// its digest is `expected`, with an error otherwise.
+fn read_file_ahead(
+    mut file: std::fs::File,
+    path: &std::path::Path,
+    expected: &Digest,
+    pieces: &mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    let mut hasher = stoker_format::Hasher::new();
+    loop {
+        let mut piece = vec![0u8; LAYOUT_READ_BYTES];
+        let n = match read_full(&mut file, &mut piece) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = pieces.blocking_send(Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", path.display()),
+                )));
+                return;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        piece.truncate(n);
+        hasher.update(&piece);
+        if pieces.blocking_send(Ok(piece.into())).is_err() {
+            return;
+        }
+    }
+    let actual = hasher.finish();
+    let end = if actual == *expected {
+        Ok(Bytes::new())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{}: digest mismatch: expected {expected}, got {actual}",
+                path.display()
+            ),
+        ))
+    };
+    let _ = pieces.blocking_send(end);
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Starts a streamed blob upload to `repository`: a task pushes the pieces the
+/// packer sends as one chunked upload, and is abandoned (never committed) if
+/// the packer stops before the blob is complete.
+fn start_upload(
+    client: &RegistryClient,
+    repository: &Reference,
+    runtime: &tokio::runtime::Handle,
+) -> BlobUpload {
+    let (pieces, receiver) = mpsc::channel::<Option<Bytes>>(4);
+    let (done_sender, done) = tokio::sync::oneshot::channel();
+    let (client, repository) = (client.clone(), repository.clone());
+    runtime.spawn(async move {
+        let stream = futures::stream::unfold(Some(receiver), |receiver| async move {
+            let mut receiver = receiver?;
+            match receiver.recv().await {
+                Some(Some(piece)) => Some((Ok(piece), Some(receiver))),
+                Some(None) => None,
+                None => Some((
+                    Err(std::io::Error::other(
+                        "conversion stopped before the blob was complete",
+                    )),
+                    None,
+                )),
+            }
+        });
+        let result = client
+            .push_blob_stream(&repository, stream)
+            .await
+            .map_err(ConvertError::from);
+        let _ = done_sender.send(result);
+    });
+    BlobUpload { pieces, done }
+}
+
 fn sniff_media_type(bytes: &[u8]) -> String {
     let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
     match value["mediaType"].as_str() {
@@ -362,19 +522,22 @@ async fn convert_manifest(
         )
         .map_err(|e| ConvertError::Internal(format!("staging dir: {e}")))?;
 
-    // Blobs are uploaded while the next layer is converted.
-    let (blob_tx, mut blob_rx) = mpsc::unbounded_channel::<StagedBlob>();
-    let upload_store = store.clone();
-    let uploader = tokio::spawn(async move {
-        let mut sizes = Vec::new();
-        while let Some(blob) = blob_rx.recv().await {
-            upload_store.put_staged(&blob).await?;
-            sizes.push(blob.size);
-        }
-        Ok::<_, ConvertError>(sizes)
-    });
-
     let runtime = tokio::runtime::Handle::current();
+    // Registry blobs are streamed while they are written; layout blobs are
+    // staged files moved into the layout once complete.
+    let sink = match store {
+        ImageStore::Registry { client, repository } => {
+            let (client, repository, runtime) =
+                (client.clone(), repository.clone(), runtime.clone());
+            BlobSink::Streamed(Box::new(move || {
+                start_upload(&client, &repository, &runtime)
+            }))
+        }
+        ImageStore::Layout(_) => {
+            let store = store.clone();
+            BlobSink::Staged(Box::new(move |blob| store.put_staged(blob)))
+        }
+    };
     let reader_store = store.clone();
     let options_for_reader = options.clone();
     let staging_path = staging.path().to_path_buf();
@@ -384,21 +547,22 @@ async fn convert_manifest(
     ));
     let progress_for_reader = progress.clone();
     let hot_for_packer = hot.clone();
-    let built = tokio::task::spawn_blocking(move || {
+    let (index, table, stats) = tokio::task::spawn_blocking(move || {
         let packer = PackerHandle::start(
             &staging_path,
             options_for_reader.zstd_level,
             ChunkTable::default(),
             hot_for_packer,
-            move |blob| {
-                let _ = blob_tx.send(blob);
-            },
+            sink,
         )?;
         let mut tree = Tree::default();
-        for layer in &layers {
+        let read = layers.iter().try_for_each(|layer| {
             let reader = reader_store.open_blob(&layer.digest, &runtime)?;
-            let reader: Box<dyn Read + Send> = Box::new(progress_for_reader.wrap_read(reader));
-            read_layer(layer, reader, &mut tree, &packer, &options_for_reader)?;
+            let reader = progress_for_reader.wrap_read(reader);
+            read_layer(layer, reader, &mut tree, &packer, &options_for_reader)
+        });
+        if let Err(e) = read {
+            return Err(packer.abort(e));
         }
         let packed = packer.finish()?;
         for (node, piece) in packed.pieces {
@@ -410,17 +574,7 @@ async fn convert_manifest(
         Ok::<_, ConvertError>((index, packed.table, packed.stats))
     })
     .await
-    .map_err(|e| ConvertError::Internal(format!("layer reader: {e}")))?;
-    let (index, table, stats) = match built {
-        Ok(built) => built,
-        Err(e) => {
-            uploader.abort();
-            return Err(e);
-        }
-    };
-    uploader
-        .await
-        .map_err(|e| ConvertError::Internal(format!("uploader: {e}")))??;
+    .map_err(|e| ConvertError::Internal(format!("layer reader: {e}")))??;
     progress.finish_and_clear();
 
     let layout_plan = if hot.is_empty() {
@@ -456,10 +610,12 @@ async fn convert_manifest(
     Ok(report)
 }
 
-/// Streams one layer: digest check, decompression, tar parsing, merge, chunking.
+/// Streams one layer: decompression, tar parsing, merge, chunking, and the
+/// diff_id check. `reader` checks the blob's own digest (see
+/// [`ImageStore::open_blob`]), so it is not hashed again here.
 fn read_layer(
     layer: &LayerSource,
-    reader: Box<dyn Read + Send>,
+    mut reader: impl BufRead,
     tree: &mut Tree,
     packer: &PackerHandle,
     options: &ConvertOptions,
@@ -471,10 +627,10 @@ fn read_layer(
             format!("unsupported layer media type {:?}", layer.media_type),
         )
     })?;
-    let digests = read_layer_into(
+    let diff_id = read_tar_layer(
         tree,
         &layer.digest,
-        reader,
+        &mut reader,
         compression,
         options,
         |node, offset, data| {
@@ -483,20 +639,16 @@ fn read_layer(
                 .map_err(|e| std::io::Error::other(e.to_string()))
         },
     )?;
+    // Whatever follows the compressed stream, up to the end, where the digest is checked.
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map_err(|e| layer_error(&layer.digest, None, e))?;
     if let Some(expected) = layer.diff_id
-        && expected != digests.diff_id
+        && expected != diff_id
     {
         return Err(ConvertError::DigestMismatch {
             what: format!("layer {} uncompressed (diff_id)", layer.digest),
             expected,
-            actual: digests.diff_id,
-        });
-    }
-    if digests.compressed != layer.digest {
-        return Err(ConvertError::DigestMismatch {
-            what: format!("layer {}", layer.digest),
-            expected: layer.digest,
-            actual: digests.compressed,
+            actual: diff_id,
         });
     }
     packer.end_layer()
@@ -522,70 +674,86 @@ pub fn read_layer_into(
     reader: impl Read,
     compression: Compression,
     options: &ConvertOptions,
-    mut sink: impl FnMut(NodeId, u64, Vec<u8>) -> std::io::Result<()>,
+    sink: impl FnMut(NodeId, u64, Vec<u8>) -> std::io::Result<()>,
 ) -> Result<LayerDigests, ConvertError> {
-    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| {
-        layer_error(layer, entry, reason)
-    };
-    let mut compressed = DigestingReader::new(reader);
-    let diff_id = {
-        let decoded: Box<dyn Read + '_> = match compression {
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::new(&mut compressed)
-                    .map_err(|e| err(None, &format!("zstd: {e}")))?,
-            ),
-            Compression::None => Box::new(&mut compressed),
-        };
-        let mut tar_stream = DigestingReader::new(decoded);
-        {
-            let mut archive = tar::Archive::new(&mut tar_stream);
-            let mut merger = LayerMerger::new(tree);
-            let mut last_path: Option<Vec<Vec<u8>>> = None;
-            let entries = archive.entries().map_err(|e| err(None, &e))?;
-            for entry in entries {
-                let mut entry = entry
-                    .map_err(|e| err(last_path.as_deref(), &format!("after this entry: {e}")))?;
-                let parsed = parse_entry(&mut entry).map_err(|reason| {
-                    let raw = entry.path_bytes().into_owned();
-                    ConvertError::Layer {
-                        layer: *layer,
-                        entry: String::from_utf8_lossy(&raw).into_owned(),
-                        reason,
-                    }
-                })?;
-                let path = parsed.path.clone();
-                check_policy(&parsed, options).map_err(|reason| err(Some(&path), &reason))?;
-                match merger
-                    .apply(parsed)
-                    .map_err(|reason| err(Some(&path), &reason))?
-                {
-                    Applied::File(node) => options
-                        .chunking
-                        .split(&mut entry, |offset, data| sink(node, offset, data))
-                        .map_err(|e| err(Some(&path), &format!("reading file data: {e}")))?,
-                    Applied::Other => {}
-                }
-                last_path = Some(path);
-            }
-            merger.finish();
-        }
-        if !tar_stream.ends_with_zero_block() {
-            return Err(err(
-                None,
-                &"tar stream is truncated (no end-of-archive marker)",
-            ));
-        }
-        let (diff_id, _) = tar_stream
-            .finish()
-            .map_err(|e| err(None, &format!("after the archive: {e}")))?;
-        diff_id
-    };
-    let (compressed, _) = compressed.finish().map_err(|e| err(None, &e))?;
+    let mut compressed = std::io::BufReader::new(DigestingReader::new(reader));
+    let diff_id = read_tar_layer(tree, layer, &mut compressed, compression, options, sink)?;
+    std::io::copy(&mut compressed, &mut std::io::sink())
+        .map_err(|e| layer_error(layer, None, e))?;
+    let (compressed, _) = compressed
+        .into_inner()
+        .finish()
+        .map_err(|e| layer_error(layer, None, e))?;
     Ok(LayerDigests {
         compressed,
         diff_id,
     })
+}
+
+/// The body of [`read_layer_into`]: decompression, tar, merge and chunking,
+/// over a blob reader it does not hash. Returns the diff_id.
+fn read_tar_layer(
+    tree: &mut Tree,
+    layer: &Digest,
+    compressed: impl BufRead,
+    compression: Compression,
+    options: &ConvertOptions,
+    mut sink: impl FnMut(NodeId, u64, Vec<u8>) -> std::io::Result<()>,
+) -> Result<Digest, ConvertError> {
+    let err = |entry: Option<&[Vec<u8>]>, reason: &dyn std::fmt::Display| {
+        layer_error(layer, entry, reason)
+    };
+    let decoded: Box<dyn Read + '_> = match compression {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(compressed)),
+        Compression::Zstd => Box::new(
+            zstd::stream::read::Decoder::with_buffer(compressed)
+                .map_err(|e| err(None, &format!("zstd: {e}")))?,
+        ),
+        Compression::None => Box::new(compressed),
+    };
+    let mut tar_stream = DigestingReader::new(decoded);
+    {
+        let mut archive = tar::Archive::new(&mut tar_stream);
+        let mut merger = LayerMerger::new(tree);
+        let mut last_path: Option<Vec<Vec<u8>>> = None;
+        let entries = archive.entries().map_err(|e| err(None, &e))?;
+        for entry in entries {
+            let mut entry =
+                entry.map_err(|e| err(last_path.as_deref(), &format!("after this entry: {e}")))?;
+            let parsed = parse_entry(&mut entry).map_err(|reason| {
+                let raw = entry.path_bytes().into_owned();
+                ConvertError::Layer {
+                    layer: *layer,
+                    entry: String::from_utf8_lossy(&raw).into_owned(),
+                    reason,
+                }
+            })?;
+            let path = parsed.path.clone();
+            check_policy(&parsed, options).map_err(|reason| err(Some(&path), &reason))?;
+            match merger
+                .apply(parsed)
+                .map_err(|reason| err(Some(&path), &reason))?
+            {
+                Applied::File(node) => options
+                    .chunking
+                    .split(&mut entry, |offset, data| sink(node, offset, data))
+                    .map_err(|e| err(Some(&path), &format!("reading file data: {e}")))?,
+                Applied::Other => {}
+            }
+            last_path = Some(path);
+        }
+        merger.finish();
+    }
+    if !tar_stream.ends_with_zero_block() {
+        return Err(err(
+            None,
+            &"tar stream is truncated (no end-of-archive marker)",
+        ));
+    }
+    let (diff_id, _) = tar_stream
+        .finish()
+        .map_err(|e| err(None, &format!("after the archive: {e}")))?;
+    Ok(diff_id)
 }
 
 fn check_policy(entry: &crate::layer::LayerEntry, options: &ConvertOptions) -> Result<(), String> {
