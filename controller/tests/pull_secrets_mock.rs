@@ -106,6 +106,11 @@ fn learned_prefetch(web: &Deployment) -> ImagePrefetch {
     prefetch
 }
 
+/// In `objects`: answer 403.
+fn forbidden() -> serde_json::Value {
+    serde_json::json!("forbidden")
+}
+
 /// What a reconcile asked the API server, in order, with the bodies it sent.
 #[derive(Default)]
 struct Served {
@@ -114,7 +119,8 @@ struct Served {
 }
 
 /// Runs one reconcile of `prefetch`, answering every request: ServiceAccounts and
-/// Secrets from `objects` by path (404 for others), the status patch with the object,
+/// Secrets from `objects` by path (404 for others, 403 for [`forbidden`]), the status
+/// patch with the object,
 /// Events by echo.
 async fn reconcile_serving(
     h: &mut Harness,
@@ -140,6 +146,7 @@ async fn reconcile_serving(
         served.bodies.push_str(&seen.body.to_string());
         if seen.method == Method::GET {
             match objects.get(&seen.path) {
+                Some(object) if *object == forbidden() => seen.fail(403, "Forbidden"),
                 Some(object) => seen.reply(StatusCode::OK, object.clone()),
                 None => seen.fail(404, "NotFound"),
             }
@@ -164,7 +171,7 @@ fn secret_path(name: &str) -> String {
 #[tokio::test]
 async fn the_templates_pull_secrets_reach_the_agents_before_the_plan_and_bad_ones_are_reported() {
     let mut h = Harness::new();
-    let web = web(&["regcred", "legacy", "broken", "missing"], None);
+    let web = web(&["regcred", "legacy", "broken", "missing", "locked"], None);
     h.add_deployment(&web);
     let prefetch = learned_prefetch(&web);
     h.add_prefetch(&prefetch);
@@ -172,6 +179,7 @@ async fn the_templates_pull_secrets_reach_the_agents_before_the_plan_and_bad_one
         h.warmer.node_applied(&node(name, "gpu", false));
     }
     let objects = HashMap::from([
+        (secret_path("locked"), forbidden()),
         (
             secret_path("regcred"),
             docker_config_secret("regcred", "registry.example", "puller", PASSWORD),
@@ -210,7 +218,7 @@ async fn the_templates_pull_secrets_reach_the_agents_before_the_plan_and_bad_one
         .collect();
     assert_eq!(
         gets,
-        ["regcred", "legacy", "broken", "missing"]
+        ["regcred", "legacy", "broken", "missing", "locked"]
             .map(secret_path)
             .iter()
             .map(String::as_str)
@@ -221,6 +229,7 @@ async fn the_templates_pull_secrets_reach_the_agents_before_the_plan_and_bad_one
     for what in [
         "image pull secret ml/broken: .dockerconfigjson is not a docker config",
         "image pull secret ml/missing not found",
+        "cannot read image pull secret ml/locked: forbidden",
     ] {
         assert!(served.bodies.contains(what), "{what} in {}", served.bodies);
     }
