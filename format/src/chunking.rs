@@ -88,16 +88,34 @@ impl Chunking {
                 }
             }
             Chunking::Cdc { avg_size } => {
+                // The cut points of fastcdc's StreamCDC (each cut sees at least
+                // `max` bytes, or the rest of the input), without its copy of
+                // the whole window after every chunk: the window holds several
+                // maximum chunks, and only the tail moves before each refill.
                 let avg = avg_size as usize;
-                let cdc = fastcdc::v2020::StreamCDC::new(reader, avg / 4, avg, avg * 4);
-                for result in cdc {
-                    let chunk = result.map_err(|e| match e {
-                        fastcdc::v2020::Error::IoError(io) => io,
-                        other => io::Error::other(other.to_string()),
-                    })?;
-                    sink(chunk.offset, chunk.data)?;
+                let (min, max) = (avg / 4, avg * 4);
+                let window = max * 4;
+                let mut buffer: Vec<u8> = Vec::new();
+                let mut start = 0usize;
+                let mut offset = 0u64;
+                let mut eof = false;
+                loop {
+                    if !eof && buffer.len() - start < max {
+                        buffer.drain(..start);
+                        start = 0;
+                        let want = window - buffer.len();
+                        let read = (&mut reader).take(want as u64).read_to_end(&mut buffer)?;
+                        eof = read < want;
+                    }
+                    if start == buffer.len() {
+                        return Ok(());
+                    }
+                    let cutter = fastcdc::v2020::FastCDC::new(&buffer, min, avg, max);
+                    let (_, end) = cutter.cut(start, buffer.len() - start);
+                    sink(offset, buffer[start..end].to_vec())?;
+                    offset += (end - start) as u64;
+                    start = end;
                 }
-                Ok(())
             }
         }
     }
@@ -152,6 +170,23 @@ mod tests {
         let a_set: std::collections::HashSet<_> = a.iter().map(|(_, d)| d.clone()).collect();
         let shared = b.iter().filter(|(_, d)| a_set.contains(d)).count();
         assert!(shared + 3 >= b.len(), "shared {shared} of {}", b.len());
+    }
+
+    #[test]
+    fn cdc_cuts_where_fastcdc_stream_cuts() {
+        // Many windows, a partial last window, exactly one window, tiny inputs.
+        for len in [0, 1000, 16 << 10, 300_000, 1 << 20, (9 << 20) + 12_345] {
+            let data = pseudo_random(len, len as u64 + 3);
+            let ours: Vec<(u64, usize)> = cut(Chunking::Cdc { avg_size: 64 << 10 }, &data)
+                .iter()
+                .map(|(offset, bytes)| (*offset, bytes.len()))
+                .collect();
+            let stream = fastcdc::v2020::StreamCDC::new(&data[..], 16 << 10, 64 << 10, 256 << 10);
+            let theirs: Vec<(u64, usize)> = stream
+                .map(|chunk| chunk.map(|c| (c.offset, c.length)).unwrap())
+                .collect();
+            assert_eq!(ours, theirs, "input of {len} bytes");
+        }
     }
 
     #[test]
