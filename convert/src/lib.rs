@@ -6,13 +6,14 @@
 //! cache → filesystem → snapshotter → container).
 //!
 //! For each platform of the image:
-//! 1. each layer blob is streamed ([`source`]), its digest checked on the fly,
-//!    decompressed and read as tar ([`layer`]); nothing is extracted to disk;
+//! 1. each layer blob is streamed and read ahead ([`source`]), its digest checked
+//!    on the fly, decompressed and read as tar ([`layer`]); nothing is extracted
+//!    to disk;
 //! 2. entries are applied to one merged tree with OCI whiteout and hardlink
 //!    semantics ([`merge`]);
 //! 3. file contents are cut into chunks, hashed, deduplicated and compressed on
-//!    all cores, and appended to one data blob per layer ([`pack`]); each blob
-//!    is uploaded as soon as its layer is done;
+//!    all cores while the next ones are read, and appended to one data blob per
+//!    layer ([`pack`]); a registry blob is uploaded while it is written;
 //! 4. the tree is encoded as the index, and the artifact manifest is pushed
 //!    last, so a failed conversion never leaves a visible artifact ([`artifact`]).
 //!
