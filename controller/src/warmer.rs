@@ -435,9 +435,10 @@ impl Warmer {
 
     /// The nodes to send a target's credentials to outside a push: every candidate
     /// not being pushed to now, when the credentials changed or the last send is
-    /// `credentials_refresh` old. Candidates get them before any plan exists, so
-    /// that their first pods of a private image are mounted lazily and traced.
-    /// Returns what to record as the last send.
+    /// `credentials_refresh` old; otherwise the candidates that were not candidates
+    /// before. Candidates get them before any plan exists, so that their first
+    /// pods of a private image are mounted lazily and traced. Returns what to
+    /// record as the last send.
     fn credentials_to_refresh(
         &self,
         state: &State,
@@ -452,21 +453,19 @@ impl Warmer {
         }
         let fingerprint = credentials_fingerprint(&target.credentials);
         let last = previous.and_then(|p| p.credentials_sent);
-        if let Some((sent, at)) = last
-            && sent == fingerprint
-            && at.elapsed() < self.config.credentials_refresh
-        {
-            return last;
-        }
+        let current = last.filter(|(sent, at)| {
+            *sent == fingerprint && at.elapsed() < self.config.credentials_refresh
+        });
         for id in candidates.iter() {
-            if !starts.iter().any(|s| s.node == id) {
+            let has_them = current.is_some() && previous.is_some_and(|p| p.candidates.contains(id));
+            if !has_them && !starts.iter().any(|s| s.node == id) {
                 sends.push(SendCredentials {
                     name: state.name_of(id),
                     credentials: target.credentials.clone(),
                 });
             }
         }
-        Some((fingerprint, Instant::now()))
+        current.or(Some((fingerprint, Instant::now())))
     }
 
     /// Forgets an ImagePrefetch. Returns the (node, index digest) pushes that
@@ -726,12 +725,16 @@ impl Warmer {
         self.gates_notify.notify_one();
     }
 
-    /// Sends credentials outside pushes, each in a task of its own. A failure is
-    /// logged: the next push or refresh sends them again.
+    /// Sends credentials outside pushes, each in a task of its own, as many at once
+    /// as prefetch streams. A failure is logged: the next push or refresh sends
+    /// them again.
     fn send_credentials(self: &Arc<Self>, sends: Vec<SendCredentials>) {
         for send in sends {
             let warmer = self.clone();
             tokio::spawn(async move {
+                let Ok(_permit) = warmer.streams.clone().acquire_owned().await else {
+                    return;
+                };
                 match warmer.set_credentials(&send.name, &send.credentials).await {
                     Ok(()) => {}
                     // Sent when the agent appears.

@@ -480,4 +480,20 @@ async fn candidates_get_the_credentials_before_any_plan_exists() {
     nodes.sort();
     assert_eq!(nodes, ["gpu-1", "gpu-2"], "not the cpu node: no candidate");
     assert_eq!(agents.push_count(), 0, "no plan yet");
+
+    // The placement widens to every node: only the new candidate gets them (the
+    // others have them, and the refresh period has not passed).
+    warmer.set_target(
+        &key,
+        Target {
+            placements: vec![stoker_controller::candidates::PodScheduling::default()],
+            credentials: vec![credential("pw")],
+            ..Target::default()
+        },
+    );
+    eventually("credentials on cpu-1", || {
+        agents.credential_calls().iter().any(|c| c.node == "cpu-1")
+    })
+    .await;
+    assert_eq!(agents.credential_calls().len(), 3);
 }
