@@ -31,6 +31,9 @@ pub const MAX_ENTRIES: usize = 4096;
 /// leading or trailing slashes ("" for the whole registry).
 type Key = (String, String);
 
+/// Entries by registry, then by prefix: a lookup borrows, never allocates.
+type Entries = HashMap<String, HashMap<String, Entry>>;
+
 struct Entry {
     credentials: Credentials,
     expires_at_unix: i64,
@@ -38,7 +41,7 @@ struct Entry {
 
 /// See the module documentation.
 pub struct PushedCredentials {
-    entries: Mutex<HashMap<Key, Entry>>,
+    entries: Mutex<Entries>,
     /// Seconds since the Unix epoch; a parameter so that tests can move time.
     clock: fn() -> i64,
 }
@@ -54,8 +57,12 @@ impl fmt::Debug for PushedCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let entries = self.lock();
         let mut keys: Vec<String> = entries
-            .keys()
-            .map(|(registry, prefix)| format!("{registry}/{prefix}"))
+            .iter()
+            .flat_map(|(registry, prefixes)| {
+                prefixes
+                    .keys()
+                    .map(move |prefix| format!("{registry}/{prefix}"))
+            })
             .collect();
         keys.sort();
         f.debug_struct("PushedCredentials")
@@ -77,7 +84,7 @@ impl PushedCredentials {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -97,25 +104,37 @@ impl PushedCredentials {
         }
         let now = (self.clock)();
         let mut entries = self.lock();
-        entries.retain(|_, entry| entry.expires_at_unix > now);
+        for prefixes in entries.values_mut() {
+            prefixes.retain(|_, entry| entry.expires_at_unix > now);
+        }
+        entries.retain(|_, prefixes| !prefixes.is_empty());
+        let held = |entries: &Entries| entries.values().map(HashMap::len).sum::<usize>();
         let added = parsed
             .iter()
-            .filter(|(key, entry)| entry.expires_at_unix > now && !entries.contains_key(key))
+            .filter(|((registry, prefix), entry)| {
+                entry.expires_at_unix > now
+                    && !entries
+                        .get(registry)
+                        .is_some_and(|prefixes| prefixes.contains_key(prefix))
+            })
             .count();
-        if entries.len() + added > MAX_ENTRIES {
+        if held(&entries) + added > MAX_ENTRIES {
             // The controller's fault: refuse rather than evict entries at random.
             return Err(AgentError::FailedPrecondition(format!(
                 "the agent holds at most {MAX_ENTRIES} registry credentials"
             )));
         }
-        for (key, entry) in parsed {
+        for ((registry, prefix), entry) in parsed {
             if entry.expires_at_unix > now {
-                entries.insert(key, entry);
-            } else {
-                entries.remove(&key);
+                entries.entry(registry).or_default().insert(prefix, entry);
+            } else if let Some(prefixes) = entries.get_mut(&registry) {
+                prefixes.remove(&prefix);
+                if prefixes.is_empty() {
+                    entries.remove(&registry);
+                }
             }
         }
-        Ok(entries.len())
+        Ok(held(&entries))
     }
 
     /// Entries held and not yet expired.
@@ -123,6 +142,7 @@ impl PushedCredentials {
         let now = (self.clock)();
         self.lock()
             .values()
+            .flat_map(HashMap::values)
             .filter(|e| e.expires_at_unix > now)
             .count()
     }
@@ -138,13 +158,11 @@ impl CredentialSource for PushedCredentials {
     fn credentials_for(&self, registry: &str, repository: &str) -> Option<Credentials> {
         let now = (self.clock)();
         let entries = self.lock();
-        if entries.is_empty() {
-            return None;
-        }
+        let prefixes = entries.get(registry)?;
         // From the whole repository up to the registry: "a/b/c", "a/b", "a", "".
         let mut prefix = repository.trim_matches('/');
         loop {
-            if let Some(entry) = entries.get(&(registry.to_string(), prefix.to_string()))
+            if let Some(entry) = prefixes.get(prefix)
                 && entry.expires_at_unix > now
             {
                 return Some(entry.credentials.clone());
@@ -310,7 +328,7 @@ mod tests {
         assert_eq!(store.len(), 1);
         // The next change drops the expired entry for good.
         assert_eq!(store.set(&[]).unwrap(), 1);
-        assert_eq!(store.lock().len(), 1);
+        assert_eq!(store.lock().values().map(HashMap::len).sum::<usize>(), 1);
         // An entry sent already expired removes the one it replaces.
         assert_eq!(
             store
@@ -350,6 +368,20 @@ mod tests {
             assert!(!error.contains("password"), "{error}");
         }
         assert!(store.is_empty(), "nothing of a refused request is kept");
+    }
+
+    #[test]
+    fn the_store_is_bounded() {
+        let store = PushedCredentials::with_clock(|| 1_000);
+        let many: Vec<RegistryCredential> = (0..=MAX_ENTRIES)
+            .map(|i| entry("r.example", &format!("team-{i}"), "u", 2_000))
+            .collect();
+        let error = store.set(&many).unwrap_err().to_string();
+        assert!(error.contains("at most"), "{error}");
+        assert!(store.is_empty(), "a refused request changes nothing");
+        assert_eq!(store.set(&many[..MAX_ENTRIES]).unwrap(), MAX_ENTRIES);
+        // Replacing entries held does not count against the limit.
+        assert_eq!(store.set(&many[..10]).unwrap(), MAX_ENTRIES);
     }
 
     #[test]
