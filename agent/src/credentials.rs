@@ -12,17 +12,21 @@
 //! Entries are keyed by registry and repository prefix; the most specific prefix that
 //! covers an image's repository wins. Each entry carries an expiry set by the controller,
 //! which re-sends before it: an entry past its expiry is never used and is dropped at the
-//! next change. A worker restart forgets every entry until the controller's next refresh.
+//! next change. Under the agent's supervisor, accepted entries are also handed to its
+//! [fd keeper](crate::fd_keeper), which gives them back to the next worker after a
+//! restart; without a supervisor a restart forgets them until the controller's next
+//! refresh.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use stoker_api::agent::RegistryCredential;
 use stoker_registry::{CredentialSource, Credentials, canonical_registry_host};
 
 use crate::AgentError;
+use crate::fd_keeper::KeeperClient;
 
 /// Entries held at most; a request that would hold more is refused.
 pub const MAX_ENTRIES: usize = 4096;
@@ -44,6 +48,8 @@ pub struct PushedCredentials {
     entries: Mutex<Entries>,
     /// Seconds since the Unix epoch; a parameter so that tests can move time.
     clock: fn() -> i64,
+    /// Where accepted entries are also kept across worker restarts.
+    keeper: OnceLock<Arc<KeeperClient>>,
 }
 
 impl Default for PushedCredentials {
@@ -81,7 +87,13 @@ impl PushedCredentials {
         PushedCredentials {
             entries: Mutex::new(HashMap::new()),
             clock,
+            keeper: OnceLock::new(),
         }
+    }
+
+    /// Hands every entry accepted from now on to `keeper` as well.
+    pub fn keep_in(&self, keeper: Arc<KeeperClient>) {
+        let _ = self.keeper.set(keeper);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -134,7 +146,14 @@ impl PushedCredentials {
                 }
             }
         }
-        Ok(held(&entries))
+        let held = held(&entries);
+        drop(entries);
+        if let Some(keeper) = self.keeper.get()
+            && let Err(e) = keeper.keep_credentials(credentials)
+        {
+            tracing::warn!(error = %e, "cannot hand pushed credentials to the supervisor; a worker restart will forget them");
+        }
+        Ok(held)
     }
 
     /// Entries held and not yet expired.

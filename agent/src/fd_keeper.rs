@@ -1,4 +1,5 @@
-//! Keeping lazy mounts' FUSE connections open while the agent restarts.
+//! Keeping lazy mounts' FUSE connections open, and the registry credentials the
+//! controller pushed, while the agent restarts.
 //!
 //! A FUSE mount lives as long as some process holds its `/dev/fuse` descriptor.
 //! The [supervisor](crate::supervisor) holds a copy of every lazy mount's
@@ -6,17 +7,24 @@
 //! alive (the kernel queues their requests), and the next worker gets the
 //! descriptors back and resumes serving them ([`stoker_lazyfs::resume`]).
 //!
-//! The two talk over a `SOCK_SEQPACKET` unix socket pair, one message per datagram,
-//! descriptors passed with `SCM_RIGHTS`. A message is one kind byte and a
-//! mountpoint path:
+//! The keeper also holds the registry credentials pushed through `SetCredentials`
+//! ([`crate::credentials`]), in memory like the worker, so that a new worker can
+//! read private images at once instead of waiting for the controller's next
+//! refresh. Expired entries are dropped; one entry per registry and prefix, the
+//! latest.
 //!
-//! | kind | direction | descriptor | meaning |
-//! |---|---|---|---|
-//! | `H` | worker → keeper | — | hello: send me what you keep |
-//! | `k` | keeper → worker | yes | one kept mount |
-//! | `E` | keeper → worker | — | end of the kept mounts |
-//! | `K` | worker → keeper | yes | keep this mount's descriptor |
-//! | `F` | worker → keeper | — | forget this mount (unmounted) |
+//! The two talk over a `SOCK_SEQPACKET` unix socket pair, one message per datagram,
+//! descriptors passed with `SCM_RIGHTS`. A message is one kind byte and a payload:
+//!
+//! | kind | direction | payload | descriptor | meaning |
+//! |---|---|---|---|---|
+//! | `H` | worker → keeper | — | — | hello: send me what you keep |
+//! | `k` | keeper → worker | mountpoint | yes | one kept mount |
+//! | `c` | keeper → worker | `RegistryCredential` (protobuf) | — | one kept credential |
+//! | `E` | keeper → worker | — | — | end of what is kept |
+//! | `K` | worker → keeper | mountpoint | yes | keep this mount's descriptor |
+//! | `F` | worker → keeper | mountpoint | — | forget this mount (unmounted) |
+//! | `C` | worker → keeper | `RegistryCredential` (protobuf) | — | keep this credential |
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -25,6 +33,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use prost::Message as _;
+use stoker_api::agent::RegistryCredential;
 
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
@@ -35,12 +46,23 @@ use crate::AgentError;
 
 const HELLO: u8 = b'H';
 const KEPT: u8 = b'k';
+const KEPT_CREDENTIAL: u8 = b'c';
 const END: u8 = b'E';
 const KEEP: u8 = b'K';
 const FORGET: u8 = b'F';
+const KEEP_CREDENTIAL: u8 = b'C';
 
-/// Longest message: a kind byte and a path (mountpoints are well under this).
-const MAX_MESSAGE: usize = 8192;
+/// Longest message: a kind byte and a payload (a path or one credential).
+const MAX_MESSAGE: usize = 64 << 10;
+
+/// What a new worker gets back from the keeper.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// Mounts still alive, each with its `/dev/fuse` descriptor.
+    pub mounts: Vec<(PathBuf, OwnedFd)>,
+    /// Pushed registry credentials not yet expired, oldest first.
+    pub credentials: Vec<RegistryCredential>,
+}
 
 /// A connected socket pair for one worker: the keeper's end and the worker's.
 pub fn socket_pair() -> Result<(OwnedFd, OwnedFd), AgentError> {
@@ -53,10 +75,49 @@ pub fn socket_pair() -> Result<(OwnedFd, OwnedFd), AgentError> {
     .map_err(|e| AgentError::io("creating the fd keeper's socket pair", e.into()))
 }
 
-/// The supervisor's side: the kept descriptors, by mountpoint. Outlives workers.
+/// The supervisor's side: the kept descriptors, by mountpoint, and the kept
+/// credentials. Outlives workers.
 #[derive(Clone, Default)]
 pub struct Keeper {
     kept: Arc<Mutex<HashMap<PathBuf, OwnedFd>>>,
+    credentials: Arc<Mutex<KeptCredentials>>,
+}
+
+/// Credentials by `(registry, repository prefix)`, each with its arrival number.
+#[derive(Default)]
+struct KeptCredentials {
+    next: u64,
+    entries: HashMap<(String, String), (u64, RegistryCredential)>,
+}
+
+impl KeptCredentials {
+    fn keep(&mut self, credential: RegistryCredential) {
+        let now = unix_now();
+        self.entries
+            .retain(|_, (_, kept)| kept.expires_at_unix > now);
+        let key = (
+            credential.registry.clone(),
+            credential.repository_prefix.clone(),
+        );
+        if credential.expires_at_unix > now {
+            self.next += 1;
+            self.entries.insert(key, (self.next, credential));
+        } else {
+            self.entries.remove(&key);
+        }
+    }
+
+    /// The unexpired entries, oldest first (a replay gives the same result).
+    fn current(&self) -> Vec<RegistryCredential> {
+        let now = unix_now();
+        let mut current: Vec<&(u64, RegistryCredential)> = self
+            .entries
+            .values()
+            .filter(|(_, c)| c.expires_at_unix > now)
+            .collect();
+        current.sort_by_key(|(arrival, _)| *arrival);
+        current.into_iter().map(|(_, c)| c.clone()).collect()
+    }
 }
 
 impl Keeper {
@@ -69,9 +130,13 @@ impl Keeper {
         self.len() == 0
     }
 
+    /// How many unexpired credentials are kept.
+    pub fn credential_count(&self) -> usize {
+        lock(&self.credentials).current().len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, OwnedFd>> {
-        // Each critical section is one map operation, so a poisoned map is whole.
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.kept)
     }
 
     /// Serves one worker on `socket` until it closes its end (it exited). Blocking:
@@ -102,6 +167,11 @@ impl Keeper {
                     tracing::debug!(mountpoint = %message.path.display(), "fd keeper: forgetting a mount");
                     self.lock().remove(&message.path);
                 }
+                (KEEP_CREDENTIAL, _) => match RegistryCredential::decode(&message.payload[..]) {
+                    Ok(credential) => lock(&self.credentials).keep(credential),
+                    // Never the bytes: they hold a secret.
+                    Err(e) => tracing::warn!(error = %e, "fd keeper: an undecodable credential"),
+                },
                 (kind, _) => {
                     tracing::warn!(
                         kind = %char::from(kind),
@@ -120,9 +190,13 @@ impl Keeper {
             .filter_map(|(path, fd)| Some((path.clone(), fd.try_clone().ok()?)))
             .collect();
         for (path, fd) in &kept {
-            send(socket, KEPT, path, Some(fd.as_fd()))?;
+            send(socket, KEPT, path_bytes(path), Some(fd.as_fd()))?;
         }
-        send(socket, END, Path::new(""), None)
+        let credentials = lock(&self.credentials).current();
+        for credential in &credentials {
+            send(socket, KEPT_CREDENTIAL, &credential.encode_to_vec(), None)?;
+        }
+        send(socket, END, &[], None)
     }
 }
 
@@ -133,19 +207,29 @@ pub struct KeeperClient {
 }
 
 impl KeeperClient {
-    /// Says hello on `socket` and returns the client with the mounts the keeper
-    /// holds (from the previous worker), each with its `/dev/fuse` descriptor.
-    pub fn connect(socket: OwnedFd) -> Result<(KeeperClient, Vec<(PathBuf, OwnedFd)>), AgentError> {
-        send(socket.as_fd(), HELLO, Path::new(""), None)?;
+    /// Says hello on `socket` and returns the client with what the keeper holds
+    /// from the previous worker: mounts with their `/dev/fuse` descriptors, and
+    /// credentials.
+    pub fn connect(socket: OwnedFd) -> Result<(KeeperClient, Kept), AgentError> {
+        send(socket.as_fd(), HELLO, &[], None)?;
         let mut buffer = vec![0u8; MAX_MESSAGE];
-        let mut kept = Vec::new();
+        let mut kept = Kept::default();
         loop {
             match receive(socket.as_fd(), &mut buffer)? {
                 Some(Message {
                     kind: KEPT,
                     path,
                     fd: Some(fd),
-                }) => kept.push((path, fd)),
+                    ..
+                }) => kept.mounts.push((path, fd)),
+                Some(Message {
+                    kind: KEPT_CREDENTIAL,
+                    payload,
+                    ..
+                }) => match RegistryCredential::decode(&payload[..]) {
+                    Ok(credential) => kept.credentials.push(credential),
+                    Err(e) => tracing::warn!(error = %e, "fd keeper: an undecodable credential"),
+                },
                 Some(Message { kind: END, .. }) => break,
                 Some(other) => {
                     return Err(AgentError::io(
@@ -170,36 +254,70 @@ impl KeeperClient {
     /// Asks the keeper to hold `fuse_device`, the descriptor of the mount at
     /// `mountpoint`.
     pub fn keep(&self, mountpoint: &Path, fuse_device: BorrowedFd<'_>) -> Result<(), AgentError> {
-        send(self.socket.as_fd(), KEEP, mountpoint, Some(fuse_device))
+        send(
+            self.socket.as_fd(),
+            KEEP,
+            path_bytes(mountpoint),
+            Some(fuse_device),
+        )
     }
 
     /// Tells the keeper the mount at `mountpoint` is gone.
     pub fn forget(&self, mountpoint: &Path) -> Result<(), AgentError> {
-        send(self.socket.as_fd(), FORGET, mountpoint, None)
+        send(self.socket.as_fd(), FORGET, path_bytes(mountpoint), None)
+    }
+
+    /// Asks the keeper to hold `credentials` (accepted by the worker's store).
+    pub fn keep_credentials(&self, credentials: &[RegistryCredential]) -> Result<(), AgentError> {
+        for credential in credentials {
+            send(
+                self.socket.as_fd(),
+                KEEP_CREDENTIAL,
+                &credential.encode_to_vec(),
+                None,
+            )?;
+        }
+        Ok(())
     }
 }
 
 struct Message {
     kind: u8,
+    /// The payload as a path (mount messages).
     path: PathBuf,
+    payload: Vec<u8>,
     fd: Option<OwnedFd>,
+}
+
+fn path_bytes(path: &Path) -> &[u8] {
+    path.as_os_str().as_bytes()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section is one map operation, so a poisoned map is whole.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn send(
     socket: BorrowedFd<'_>,
     kind: u8,
-    path: &Path,
+    payload: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> Result<(), AgentError> {
-    let path = path.as_os_str().as_bytes();
-    if path.len() + 1 > MAX_MESSAGE {
+    if payload.len() + 1 > MAX_MESSAGE {
         return Err(AgentError::InvalidArgument(format!(
-            "fd keeper: path of {} bytes is too long",
-            path.len()
+            "fd keeper: a message of {} bytes is too long",
+            payload.len()
         )));
     }
     let kind = [kind];
-    let iov = [IoSlice::new(&kind), IoSlice::new(path)];
+    let iov = [IoSlice::new(&kind), IoSlice::new(payload)];
     let fds: Vec<RawFd> = fd.iter().map(|fd| fd.as_raw_fd()).collect();
     let rights = [ControlMessage::ScmRights(&fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
@@ -245,9 +363,11 @@ fn receive(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> Result<Option<Message>,
         return Ok(None);
     }
     let fd = fds.next();
+    let payload = &buffer[1..length];
     Ok(Some(Message {
         kind: buffer[0],
-        path: PathBuf::from(OsStr::from_bytes(&buffer[1..length])),
+        path: PathBuf::from(OsStr::from_bytes(payload)),
+        payload: payload.to_vec(),
         fd,
     }))
 }
@@ -266,7 +386,7 @@ mod tests {
             std::thread::spawn(move || keeper.serve(theirs))
         };
         let (client, kept) = KeeperClient::connect(ours).expect("connect");
-        assert!(kept.is_empty());
+        assert!(kept.mounts.is_empty() && kept.credentials.is_empty());
         let (mut reader, writer) = std::os::unix::net::UnixStream::pair().expect("pair");
         client
             .keep(Path::new("/mnt/one"), writer.as_fd())
@@ -287,9 +407,10 @@ mod tests {
             std::thread::spawn(move || keeper.serve(theirs))
         };
         let (_client, kept) = KeeperClient::connect(ours).expect("connect");
-        assert_eq!(kept.len(), 1);
-        assert_eq!(kept[0].0, Path::new("/mnt/one"));
-        let mut writer = std::os::unix::net::UnixStream::from(kept.into_iter().next().unwrap().1);
+        assert_eq!(kept.mounts.len(), 1);
+        assert_eq!(kept.mounts[0].0, Path::new("/mnt/one"));
+        let mut writer =
+            std::os::unix::net::UnixStream::from(kept.mounts.into_iter().next().unwrap().1);
         writer.write_all(b"still here").expect("write");
         drop(writer);
         drop(_client);
@@ -299,5 +420,56 @@ mod tests {
         let mut text = String::new();
         reader.read_to_string(&mut text).expect("read");
         assert_eq!(text, "still here");
+    }
+
+    fn credential(registry: &str, user: &str, expires_at_unix: i64) -> RegistryCredential {
+        RegistryCredential {
+            registry: registry.into(),
+            repository_prefix: "team".into(),
+            username: user.into(),
+            password: format!("{user}-secret"),
+            identity_token: String::new(),
+            expires_at_unix,
+        }
+    }
+
+    #[test]
+    fn the_latest_unexpired_credentials_reach_the_next_worker() {
+        let keeper = Keeper::default();
+        let (theirs, ours) = socket_pair().expect("socket pair");
+        let serving = {
+            let keeper = keeper.clone();
+            std::thread::spawn(move || keeper.serve(theirs))
+        };
+        let (client, _) = KeeperClient::connect(ours).expect("connect");
+        let later = unix_now() + 3600;
+        client
+            .keep_credentials(&[
+                credential("a.example", "old", later),
+                credential("b.example", "bee", later),
+                credential("c.example", "expired", unix_now() - 1),
+            ])
+            .expect("keep");
+        client
+            .keep_credentials(&[credential("a.example", "new", later)])
+            .expect("keep");
+        drop(client);
+        serving.join().expect("keeper thread");
+
+        let (theirs, ours) = socket_pair().expect("socket pair");
+        let serving = {
+            let keeper = keeper.clone();
+            std::thread::spawn(move || keeper.serve(theirs))
+        };
+        let (client, kept) = KeeperClient::connect(ours).expect("connect");
+        let users: Vec<&str> = kept
+            .credentials
+            .iter()
+            .map(|c| c.username.as_str())
+            .collect();
+        assert_eq!(users, ["bee", "new"], "latest per key, oldest first");
+        assert_eq!(kept.credentials[1].password, "new-secret");
+        drop(client);
+        serving.join().expect("keeper thread");
     }
 }

@@ -72,7 +72,7 @@ pub struct RegistryLazyMounter {
     index_dir: Option<PathBuf>,
     mounted: Mutex<HashMap<PathBuf, MountedLazyImage>>,
     /// Where mounts' FUSE descriptors are kept across agent restarts.
-    keeper: Option<KeeperClient>,
+    keeper: Option<Arc<KeeperClient>>,
     /// Mounts still alive from before a restart, not resumed yet, by mountpoint.
     resumable: Mutex<HashMap<PathBuf, OwnedFd>>,
 }
@@ -102,7 +102,7 @@ impl RegistryLazyMounter {
     /// snapshotter mounts their images again.
     pub fn with_fd_keeper(
         mut self,
-        keeper: KeeperClient,
+        keeper: Arc<KeeperClient>,
         kept: Vec<(PathBuf, OwnedFd)>,
     ) -> RegistryLazyMounter {
         self.keeper = Some(keeper);

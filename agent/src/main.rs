@@ -129,10 +129,17 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         match KeeperClient::connect(socket) {
             Ok((keeper, kept)) => {
                 tracing::info!(
-                    kept_mounts = kept.len(),
+                    kept_mounts = kept.mounts.len(),
+                    kept_credentials = kept.credentials.len(),
                     "connected to the supervisor's fd keeper"
                 );
-                lazy_mounter = lazy_mounter.with_fd_keeper(keeper, kept);
+                // The previous worker's pushed credentials, before new ones arrive.
+                if let Err(e) = pushed_credentials.set(&kept.credentials) {
+                    tracing::warn!(error = %e, "restoring pushed credentials kept by the supervisor");
+                }
+                let keeper = Arc::new(keeper);
+                pushed_credentials.keep_in(Arc::clone(&keeper));
+                lazy_mounter = lazy_mounter.with_fd_keeper(keeper, kept.mounts);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reach the supervisor's fd keeper; mounts will not survive a restart")

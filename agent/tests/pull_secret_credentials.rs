@@ -9,6 +9,8 @@
 //!   mounts the image lazily, and its files read back right through the mount;
 //! - a credential past its expiry is no longer used: a second private image, whose
 //!   credential has expired, is not mounted and the registry sees no credentials;
+//! - the pushed credentials survive a SIGKILL of the agent's worker process: its
+//!   supervisor keeps them and hands them to the next worker;
 //! - the pushed password and the tokens never reach the agent's log (trace level) or
 //!   its `/metrics`.
 
@@ -21,7 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use common::{DEADLINE, POLL, UnmountOnDrop, convert, plain_http_client, snapshots_client};
+use common::{
+    DEADLINE, POLL, UnmountOnDrop, convert, plain_http_client, process_alive, snapshots_client,
+    worker_of,
+};
 use stoker_agent::snapshotter::remote::{
     IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
 };
@@ -270,7 +275,7 @@ fn pushed_pull_secret_credentials_mount_a_private_image_and_expire() {
         .stderr(log)
         .spawn()
         .expect("start stoker-agent");
-    let _agent = Agent(child);
+    let agent = Agent(child);
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         wait_until(DEADLINE, POLL, || {
@@ -378,6 +383,35 @@ fn pushed_pull_secret_credentials_mount_a_private_image_and_expire() {
                 .all(|r| !about_other(r) && !r.path.starts_with("/token")),
             "the expired credential was used: {after_expiry:?}"
         );
+
+        // The worker dies; the next one has the credential that is still valid.
+        let worker = worker_of(agent.0.id()).expect("the agent's worker process");
+        let killed = Command::new("kill")
+            .args(["-9", &worker.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(killed.success());
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        let stored = loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no new worker answered; log:\n{}",
+                log_text()
+            );
+            let new_worker = worker_of(agent.0.id()).filter(|pid| *pid != worker);
+            if new_worker.is_some_and(process_alive)
+                && let Ok(channel) = stoker_testkit::containerd::unix_channel(&api_socket).await
+                && let Ok(response) = AgentClient::new(channel)
+                    .set_credentials(SetCredentialsRequest {
+                        credentials: Vec::new(),
+                    })
+                    .await
+            {
+                break response.into_inner().stored;
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        assert_eq!(stored, 1, "the new worker holds the pushed credential");
     });
 
     let metrics = get_metrics(&metrics_addr);

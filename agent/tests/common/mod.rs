@@ -229,8 +229,8 @@ impl Drop for AgentProcess {
     }
 }
 
-/// The first child of process `pid`.
-fn worker_of(pid: u32) -> Option<u32> {
+/// The first child of process `pid`: an agent supervisor's worker.
+pub fn worker_of(pid: u32) -> Option<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
 }
