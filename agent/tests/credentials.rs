@@ -4,11 +4,13 @@
 //! credentials from a docker config), with a token expiring midway, and then
 //! its whole log and metrics output are searched for the secrets.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::{AgentChild, get_metrics};
 use stoker_api::agent::PrefetchRequest as Wire;
 use stoker_api::agent::agent_client::AgentClient;
 use stoker_format::Plan;
@@ -42,28 +44,6 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-/// The agent binary; killed when dropped.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `GET /metrics` over plain HTTP/1.0 (the body ends when the server closes).
-fn get_metrics(addr: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
 }
 
 async fn unix_client(socket: &Path) -> AgentClient<tonic::transport::Channel> {
@@ -175,7 +155,7 @@ async fn registry_credentials_and_tokens_never_reach_the_agent_logs_or_metrics()
         .stderr(log)
         .spawn()
         .expect("start stoker-agent");
-    let _agent = Agent(child);
+    let _agent = AgentChild(child);
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         wait_until(Duration::from_secs(60), Duration::from_millis(20), || {

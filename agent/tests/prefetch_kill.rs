@@ -3,10 +3,13 @@
 //! the restart, and the same plan pushed again finishes, fetching only what was
 //! missing.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::AgentChild;
 use stoker_api::agent::agent_client::AgentClient;
 use stoker_api::agent::{PrefetchRequest as Wire, PrefetchState};
 use stoker_format::{Digest, Plan};
@@ -45,15 +48,6 @@ fn start_agent(work: &Path, cache_dir: &Path, api_socket: &Path) -> Child {
         std::fs::read_to_string(work.join("agent.log")).unwrap_or_default()
     );
     child
-}
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn unix_client(socket: &Path) -> AgentClient<tonic::transport::Channel> {
@@ -160,7 +154,7 @@ async fn an_agent_killed_mid_prefetch_leaves_only_verified_chunks_and_the_plan_c
     let image_ref = format!("{}/{REPO}:v1", proxy.host());
     let cache_dir = work.path().join("cache");
     let api_socket = work.path().join("agent.sock");
-    let mut agent = Agent(start_agent(work.path(), &cache_dir, &api_socket));
+    let mut agent = AgentChild(start_agent(work.path(), &cache_dir, &api_socket));
 
     let mut client = unix_client(&api_socket).await;
     let mut stream = client
@@ -198,7 +192,7 @@ async fn an_agent_killed_mid_prefetch_leaves_only_verified_chunks_and_the_plan_c
     // Restart, no fault: the same plan completes, fetching only what was missing.
     proxy.clear_faults();
     proxy.clear_requests();
-    agent = Agent(start_agent(work.path(), &cache_dir, &api_socket));
+    agent = AgentChild(start_agent(work.path(), &cache_dir, &api_socket));
     assert_eq!(temp_files(&cache_dir), 0, "leftovers removed at start");
     let mut client = unix_client(&api_socket).await;
     let mut stream = client

@@ -17,15 +17,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use common::{
-    DEADLINE, POLL, UnmountOnDrop, convert, plain_http_client, process_alive, snapshots_client,
-    worker_of,
+    AgentChild, DEADLINE, POLL, UnmountOnDrop, convert, get_metrics, plain_http_client,
+    process_alive, snapshots_client, worker_of,
 };
 use stoker_agent::snapshotter::remote::{
     IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
@@ -43,16 +42,6 @@ use tonic::transport::Channel;
 
 const USER: &str = "pull-secret-user";
 const PASSWORD: &str = "pull-secret-pw-4c1d9e-never-logged";
-
-/// The agent binary (supervisor and worker); killed when dropped.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A small three-layer image: one file per layer and a whiteout in the top one.
 fn layered_image(name: &str) -> ImageBuilder {
@@ -196,18 +185,6 @@ async fn set_credentials(
         .stored
 }
 
-/// `GET /metrics` over plain HTTP/1.0 (the body ends when the server closes).
-fn get_metrics(addr: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
-}
-
 /// A request for `private/other`: its manifests and blobs, or a token for it.
 fn about_other(request: &ProxiedRequest) -> bool {
     request.path.contains("private/other") || request.path.contains("private%2Fother")
@@ -275,7 +252,7 @@ fn pushed_pull_secret_credentials_mount_a_private_image_and_expire() {
         .stderr(log)
         .spawn()
         .expect("start stoker-agent");
-    let agent = Agent(child);
+    let agent = AgentChild(child);
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(
         wait_until(DEADLINE, POLL, || {

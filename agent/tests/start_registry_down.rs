@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{EXPECTED, POLL, READ_LAYERS, UnmountOnDrop, containerd_tests_can_run, runtime};
+use common::{
+    AgentChild, EXPECTED, POLL, READ_LAYERS, UnmountOnDrop, containerd_tests_can_run, runtime,
+};
 use stoker_testkit::containerd::{CRI_NAMESPACE, TestContainerd};
 use stoker_testkit::fault_proxy::{Fault, FaultProxy, Scope};
 use stoker_testkit::image::push_layout;
@@ -48,15 +50,6 @@ fn start_agent(work: &Path, wait: Duration) -> (Child, Duration, bool) {
     (child, started.elapsed(), up)
 }
 
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers() {
     let test = "an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers";
@@ -81,7 +74,7 @@ fn an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers() {
     let image = format!("{}/test/regdown:v1", proxy.host());
 
     let (child, _, up) = start_agent(work.path(), Duration::from_secs(60));
-    let mut agent = Agent(child);
+    let mut agent = AgentChild(child);
     assert!(up, "the agent did not start");
     let containerd = TestContainerd::start(&work.path().join("agent.sock")).expect("containerd");
     containerd
@@ -108,7 +101,7 @@ fn an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers() {
     let _ = agent.0.kill();
     let _ = agent.0.wait();
     let (child, start_delay, up) = start_agent(work.path(), Duration::from_secs(180));
-    agent = Agent(child);
+    agent = AgentChild(child);
     assert!(
         up,
         "the agent never served its socket; log:\n{}",

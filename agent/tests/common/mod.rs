@@ -136,6 +136,29 @@ impl Drop for InProcessAgent {
     }
 }
 
+/// An agent process a test started itself; killed (with its worker) when dropped.
+pub struct AgentChild(pub Child);
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.0 (the body ends when the server closes).
+pub fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
+
 /// The real `stoker-agent` binary, configured through `STOKER_*` variables.
 pub struct AgentProcess {
     pub socket: PathBuf,
