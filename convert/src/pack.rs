@@ -121,6 +121,8 @@ pub struct PackerHandle {
     /// Digests some pool task has compressed (or that were known), so that
     /// identical chunks are compressed once.
     claimed: Arc<Mutex<HashSet<Digest>>>,
+    /// One thread per core, for this conversion's chunks.
+    pool: rayon::ThreadPool,
 }
 
 impl PackerHandle {
@@ -135,6 +137,10 @@ impl PackerHandle {
         hot: Vec<Digest>,
         sink: BlobSink,
     ) -> Result<PackerHandle, ConvertError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("stoker-chunk-{i}"))
+            .build()
+            .map_err(|e| ConvertError::Internal(format!("cannot start the chunk pool: {e}")))?;
         let (sender, receiver) = sync_channel(CHUNKS_IN_FLIGHT);
         let claimed = Arc::new(Mutex::new(
             known_chunks.chunks.iter().map(|c| c.digest).collect(),
@@ -149,6 +155,7 @@ impl PackerHandle {
             thread,
             zstd_level,
             claimed,
+            pool,
         })
     }
 
@@ -158,7 +165,7 @@ impl PackerHandle {
         let (result, prepared) = sync_channel(1);
         let claimed = Arc::clone(&self.claimed);
         let level = self.zstd_level;
-        rayon::spawn_fifo(move || {
+        self.pool.spawn_fifo(move || {
             let _ = result.send(prepare(data, &claimed, level));
         });
         self.send(Message::Chunk {
