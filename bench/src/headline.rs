@@ -35,7 +35,9 @@ use stoker_format::{Digest, Index, Plan, Trace};
 use stoker_registry::{RegistryClient, RegistryConfig};
 use stoker_testkit::containerd::{AgentProcess, TestContainerd, unix_channel, workspace_binary};
 
-use crate::demo::{check_machine, collect_trace, pull_into_overlayfs, push_plan, run_container};
+use crate::demo::{
+    check_machine, collect_trace, drop_caches, pull_into_overlayfs, push_plan, run_container,
+};
 use crate::report::{Section, mb};
 use link::{NetnsRegistry, ThrottledLink};
 
@@ -437,19 +439,6 @@ async fn container_ready(api_socket: &Path, container_id: &str) {
             "headline: ContainerReady({container_id}) did not close the startup window ({closed:?}); \
              waiting for it to end ({LEARN_WINDOW_SECS} s)"
         );
-    }
-}
-
-/// Writes dirty pages and drops the page cache, so that no start finds the image's
-/// files (or cached chunks) in memory.
-fn drop_caches() {
-    // Failing only makes the starts warmer than they should be: warn, go on.
-    let synced = std::process::Command::new("sync").status();
-    if let Err(e) = synced
-        .map_err(anyhow::Error::from)
-        .and_then(|_| std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(anyhow::Error::from))
-    {
-        eprintln!("headline: WARNING: could not drop the page cache: {e}");
     }
 }
 

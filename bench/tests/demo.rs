@@ -72,7 +72,11 @@ async fn the_demo_starts_a_tiny_image_three_ways() {
     );
     let table = demo::table(&result).markdown();
     eprintln!("{table}");
-    for name in ["full pull", "stoker lazy", "stoker warmed"] {
+    assert_eq!(
+        result.local.bytes_during, 0,
+        "the local start fetched nothing"
+    );
+    for name in ["full pull", "local", "stoker lazy", "stoker warmed"] {
         assert!(table.contains(name), "{table}");
     }
 }
