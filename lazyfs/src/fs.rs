@@ -42,6 +42,8 @@ pub(crate) struct LazyFs {
     ttl: Duration,
     want_passthrough: bool,
     default_permissions: bool,
+    /// The kernel accepts ENOSYS for `opendir` (see [`LazyFs::opendir`]).
+    no_opendir: bool,
     /// For `statfs`: total file bytes in blocks, and inodes.
     total_blocks: u64,
 }
@@ -69,6 +71,7 @@ impl LazyFs {
             ttl,
             want_passthrough,
             default_permissions,
+            no_opendir: false,
             total_blocks: file_bytes.div_ceil(u64::from(BLOCK_SIZE)),
         }
     }
@@ -168,6 +171,7 @@ impl Filesystem for LazyFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS;
         let _ = config.add_capabilities(wanted & available);
+        self.no_opendir = available.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_background(64);
         if self.want_passthrough {
             if available.contains(InitFlags::FUSE_PASSTHROUGH) {
@@ -318,9 +322,17 @@ impl Filesystem for LazyFs {
         reply.ok();
     }
 
+    /// Directories need no per-open state. Where the kernel allows it (Linux
+    /// 5.1+), the first `opendir` is answered ENOSYS: the kernel then stops
+    /// sending `opendir` and `releasedir` for this mount and opens directories
+    /// itself with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`, so a walk of a tree
+    /// whose listings are cached makes no request at all.
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _op = self.shared.metrics.op(Op::Opendir);
         match self.inode(ino) {
+            Ok(inode) if inode.kind == FileKind::Dir && self.no_opendir => {
+                reply.error(Errno::ENOSYS)
+            }
             Ok(inode) if inode.kind == FileKind::Dir => reply.opened(
                 FileHandle(0),
                 // Let the kernel cache listings and keep them across opens.

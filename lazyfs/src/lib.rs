@@ -22,8 +22,11 @@
 //!   index (the index keeps one time, reported as atime, mtime and ctime).
 //! - **Kernel caching**: names, attributes and negative lookups are cached for
 //!   [`MountOptions::attr_timeout`] (a year by default: the image cannot change);
-//!   files are opened with `FOPEN_KEEP_CACHE`, directories with `FOPEN_CACHE_DIR`;
-//!   symlink targets are cached; `readdirplus` returns attributes with names.
+//!   files are opened with `FOPEN_KEEP_CACHE`; directories are opened by the
+//!   kernel itself, without a request, and their listings cached
+//!   (`FOPEN_CACHE_DIR`; the first `opendir` answers ENOSYS where the kernel
+//!   allows that); symlink targets are cached; `readdirplus` returns attributes
+//!   with names. A tree walked once is walked again without a single request.
 //! - **Reads** map `offset..offset+size` to the chunks covering it (a binary search
 //!   in the index), take each from a small table of open chunk files, the cache, or
 //!   the fetcher (all missing chunks of one read in one call: coalesced, in
@@ -31,7 +34,10 @@
 //!   file.
 //! - **Read-ahead**: each open file asks for the chunks one window
 //!   ([`MountOptions::readahead_bytes`], 4 MiB by default) past its reads, at
-//!   prefetch priority, in batches.
+//!   prefetch priority, in batches; the cached chunks of the next 16 MiB are
+//!   opened and the kernel asked to read them from disk now, so a warm
+//!   sequential read is not one disk wait per chunk. The kernel reads 1 MiB ahead
+//!   on the mount ([`MountOptions::kernel_readahead_kb`]).
 //! - **Passthrough** (kernel 6.9+): a file whose bytes are all cached is opened with
 //!   a local backing file so the kernel reads it without this process. Single-chunk
 //!   files use the chunk's cache file; other files use a per-file copy assembled in

@@ -11,15 +11,19 @@
 //! When a read comes within half a window of that mark, the chunks up to one
 //! window past the read are asked for in one batch, in the background, never
 //! delaying the reader's own fetch (see [`Reader::read_ahead`] for the priority).
+//! Chunks already cached get read-ahead of their own, further ahead and from the
+//! local disk: opened into the open-chunk table and read into the page cache by
+//! the kernel (see [`Reader::warm_up_cached`]).
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 use stoker_cache::ChunkCache;
 use stoker_fetch::{ChunkData, FetchError, Fetcher, Priority};
-use stoker_format::{ChunkLocation, FileChunk, Index, InodeId};
+use stoker_format::{ChunkLocation, Digest, FileChunk, Index, InodeId};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
@@ -50,6 +54,12 @@ pub(crate) enum ReadError {
     Overlap { chunk: u32 },
 }
 
+/// How far ahead of a streaming reader cached chunks are read from the local
+/// disk: well past the kernel's own read-ahead on the mount, so the chunk files
+/// are in memory before the kernel asks for their bytes. Costs nothing but
+/// page cache, unlike read-ahead from the registry.
+const LOCAL_READAHEAD_BYTES: u64 = 16 << 20;
+
 /// Per-open-file read state.
 #[derive(Debug, Default)]
 pub(crate) struct ReadState {
@@ -57,11 +67,13 @@ pub(crate) struct ReadState {
     readahead_until: AtomicU64,
     /// Where the last read ended.
     last_end: AtomicU64,
+    /// File offset up to which cached chunks have been read ahead from disk.
+    warmed_until: AtomicU64,
 }
 
-/// Chunks recently read, kept open (and pinned in the cache) so a sequential
-/// reader does not reopen the chunk file for every 128 KiB request. Small and
-/// process-bounded: a handful of file descriptors, at most a quarter of the cache.
+/// Chunks recently read or read ahead, kept open (and pinned in the cache) so a
+/// sequential reader does not reopen the chunk file for every request. Small and
+/// process-bounded: at most 64 file descriptors, at most a quarter of the cache.
 struct OpenChunks {
     capacity: usize,
     /// Most recently used last.
@@ -104,7 +116,11 @@ pub(crate) struct Reader {
     fetcher: Fetcher,
     runtime: Handle,
     readahead_bytes: u64,
-    open_chunks: OpenChunks,
+    /// How far past a read cached chunks are read ahead from the local disk
+    /// (see [`Reader::warm_up_cached`]).
+    local_readahead_bytes: u64,
+    /// Shared with read-ahead tasks, which open the chunks they warm up.
+    open_chunks: Arc<OpenChunks>,
 }
 
 thread_local! {
@@ -122,16 +138,22 @@ impl Reader {
     ) -> Self {
         let max_chunk = u64::from(index.chunking().max_chunk_len().max(1));
         let capacity = (fetcher.cache().capacity() / 4 / max_chunk).clamp(0, 64) as usize;
+        // Never more chunks ahead than half the open-chunk table holds, so
+        // chunks opened ahead are not closed again before they are read.
+        let local_readahead_bytes = LOCAL_READAHEAD_BYTES
+            .min(capacity as u64 / 2 * max_chunk)
+            .max(readahead_bytes);
         Reader {
             index,
             shared,
             fetcher,
             runtime,
             readahead_bytes,
-            open_chunks: OpenChunks {
+            local_readahead_bytes,
+            open_chunks: Arc::new(OpenChunks {
                 capacity,
                 entries: Mutex::new(Vec::with_capacity(capacity + 1)),
-            },
+            }),
         }
     }
 
@@ -286,6 +308,7 @@ impl Reader {
         {
             return; // a concurrent read of the same file is doing it
         }
+        self.warm_up_cached(id, read.end, state);
         let cache = self.cache();
         let wanted: Vec<ChunkLocation> = self
             .index
@@ -312,6 +335,68 @@ impl Reader {
             };
             if let Err(e) = outcome {
                 debug!(error = %e, "read-ahead fetch failed; the reader will fetch on demand");
+            }
+        });
+    }
+
+    /// Read-ahead from the local cache: the cached chunks of file `id` starting
+    /// in the [local window](Reader::local_readahead_bytes) past `read_end` (and
+    /// not handled by an earlier call) are opened into the open-chunk table, on
+    /// a blocking thread (the first open in this process verifies the file),
+    /// and the kernel is asked to read them into the page cache now
+    /// (`POSIX_FADV_WILLNEED`; nearly free for pages already there). A reader
+    /// streaming a file from a cache on disk then finds its chunks in memory
+    /// instead of waiting on the disk for one chunk at a time.
+    fn warm_up_cached(&self, id: InodeId, read_end: u64, state: &ReadState) {
+        let until = read_end.saturating_add(self.local_readahead_bytes);
+        let done = state.warmed_until.load(Ordering::Relaxed);
+        // Far behind the mark: the reader went back; start again from here.
+        let from = if done > until {
+            read_end
+        } else {
+            done.max(read_end)
+        };
+        if from >= until
+            || state
+                .warmed_until
+                .compare_exchange(done, until, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let cache = self.cache();
+        let chunks: Vec<(u32, Digest)> = self
+            .index
+            .chunks_covering(id, from..until)
+            .filter(|piece| piece.file_offset >= from)
+            .filter_map(|piece| Some((piece.chunk, self.index.chunk(piece.chunk)?.digest)))
+            .filter(|(_, digest)| cache.contains(digest))
+            .collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let cache = cache.clone();
+        let open_chunks = Arc::clone(&self.open_chunks);
+        self.runtime.spawn_blocking(move || {
+            for (chunk, digest) in chunks {
+                let data = match open_chunks.get(chunk) {
+                    Some(data) => data,
+                    None => {
+                        let Some(cached) = cache.get(&digest) else {
+                            continue;
+                        };
+                        let data = ChunkData::Cached(Arc::new(cached));
+                        open_chunks.put(chunk, data.clone());
+                        data
+                    }
+                };
+                if let ChunkData::Cached(cached) = &data {
+                    let len = i64::try_from(cached.len()).unwrap_or(i64::MAX);
+                    let advice = PosixFadviseAdvice::POSIX_FADV_WILLNEED;
+                    if let Err(e) = posix_fadvise(cached.file(), 0, len, advice) {
+                        debug!(%digest, error = %e, "cannot ask the kernel to read a cached chunk ahead");
+                    }
+                }
             }
         });
     }
