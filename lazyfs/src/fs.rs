@@ -246,13 +246,18 @@ impl Filesystem for LazyFs {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(fh, file);
+        // Nothing is ever written, so `close` has nothing to flush: no FLUSH
+        // request per close.
         match mode {
             OpenMode::Passthrough(backing) => {
                 self.shared.metrics.passthrough_opened();
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
             }
             // The image never changes: keep the page cache across opens.
-            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            OpenMode::Cached => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
         }
     }
 
