@@ -693,9 +693,9 @@ fn measure(args: &Args) -> Result<Section, Error> {
         "Warm reads in memory through FUSE stop at the kernel: on this kernel ({}) a FUSE \
          file's page cache holds single 4 KiB pages (checked with /proc/kpageflags), where \
          ext4 keeps the same file in large folios, so copying it out costs the kernel more \
-         per byte; no request reaches Stoker. Linux's patch enabling large folios for FUSE \
-         (2025) lifts this. Passthrough reads the backing file's own page cache and matches \
-         native.",
+         per byte; no request reaches Stoker. The kernel patch \"fuse: enable large folios\" \
+         (2025) lifts this where it is applied. Passthrough reads the backing file's own page \
+         cache, as native does.",
         kernel.trim()
     ));
     report.section.note(
