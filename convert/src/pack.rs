@@ -193,9 +193,10 @@ impl PackerHandle {
             .ok_or_else(|| ConvertError::Internal("packer stopped without finishing".into()))
     }
 
-    /// Stops the packer after the reader failed with `reader_error`; no blob is
-    /// completed or committed. Returns the error to report: the packer's own, if it
-    /// failed first (the reader then only saw it stop), else `reader_error`.
+    /// Stops the packer after the reader failed with `reader_error`: the open
+    /// blob is not completed, and its upload has stopped when this returns.
+    /// Returns the error to report: the packer's own, if it failed first (the
+    /// reader then only saw it stop), else `reader_error`.
     pub fn abort(self, reader_error: ConvertError) -> ConvertError {
         drop(self.sender);
         match self.thread.join() {
@@ -347,6 +348,16 @@ impl UploadWriter {
             .map_err(|_| ConvertError::Internal("blob upload stopped".into()))?
     }
 
+    /// Ends the upload without its last piece, so it is not committed, and
+    /// waits until the upload task has stopped.
+    fn abandon(self) {
+        let UploadWriter { pieces, done, .. } = self;
+        drop(pieces);
+        if let Some(done) = done {
+            let _ = done.blocking_recv();
+        }
+    }
+
     /// Sends the rest, waits until the registry has the blob, returns its info.
     fn finish(mut self) -> Result<BlobInfo, ConvertError> {
         if !self.piece.is_empty() {
@@ -411,7 +422,8 @@ struct Packer {
 }
 
 /// The packer thread. `Ok(None)`: the reader went away without finishing
-/// (it failed); the open blob is dropped, and a streamed upload abandoned.
+/// (it failed). After a failure the open blob is given up: a streamed upload
+/// is abandoned, never committed, before this returns.
 fn run(
     receiver: Receiver<Message>,
     staging_dir: PathBuf,
@@ -451,25 +463,17 @@ fn run(
         blobs_written: 0,
         hot,
     };
-    loop {
-        match receiver.recv() {
-            Ok(Message::Chunk {
-                node,
-                offset,
-                prepared,
-            }) => {
-                let prepared = prepared
-                    .recv()
-                    .map_err(|_| ConvertError::Internal("a chunk task panicked".into()))?;
-                packer.add(node, offset, prepared)?;
-            }
-            Ok(Message::EndLayer) => packer.end_blob()?,
-            Ok(Message::Finish) => break,
-            Err(_) => return Ok(None),
+    match packer.take_all(&receiver) {
+        Ok(true) => {}
+        Ok(false) => {
+            packer.abandon_blob();
+            return Ok(None);
+        }
+        Err(e) => {
+            packer.abandon_blob();
+            return Err(e);
         }
     }
-    packer.end_blob()?;
-    packer.finish_hot()?;
     Ok(Some(Packed {
         table: packer.table,
         pieces: packer.pieces,
@@ -478,6 +482,39 @@ fn run(
 }
 
 impl Packer {
+    /// Takes messages until `Finish` (true: closes the last blob and the hot
+    /// blob) or until the reader goes away without it (false).
+    fn take_all(&mut self, receiver: &Receiver<Message>) -> Result<bool, ConvertError> {
+        loop {
+            match receiver.recv() {
+                Ok(Message::Chunk {
+                    node,
+                    offset,
+                    prepared,
+                }) => {
+                    let prepared = prepared
+                        .recv()
+                        .map_err(|_| ConvertError::Internal("a chunk task panicked".into()))?;
+                    self.add(node, offset, prepared)?;
+                }
+                Ok(Message::EndLayer) => self.end_blob()?,
+                Ok(Message::Finish) => break,
+                Err(_) => return Ok(false),
+            }
+        }
+        self.end_blob()?;
+        self.finish_hot()?;
+        Ok(true)
+    }
+
+    /// Gives up the open blob after a failure: a streamed upload ends without
+    /// its last piece, so it is never committed; returns once it has stopped.
+    fn abandon_blob(&mut self) {
+        if let Some(BlobOut::Streamed(writer)) = self.blob.take() {
+            writer.abandon();
+        }
+    }
+
     /// Takes one chunk, in input order: a zero chunk becomes a hole, a chunk
     /// already stored is referenced again, a new one is appended.
     fn add(&mut self, node: NodeId, offset: u64, prepared: Prepared) -> Result<(), ConvertError> {

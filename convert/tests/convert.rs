@@ -241,3 +241,69 @@ async fn every_platform_of_an_index_is_converted() {
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].platform.as_deref(), Some("linux/amd64"));
 }
+
+/// Blobs the registry has committed (its filesystem storage), by digest.
+fn committed_blobs(registry: &TestRegistry) -> HashSet<String> {
+    let root = registry
+        .storage_dir()
+        .join("docker/registry/v2/blobs/sha256");
+    let mut found = HashSet::new();
+    for prefix in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for blob in std::fs::read_dir(prefix.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if blob.path().join("data").is_file() {
+                found.insert(blob.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_conversion_commits_no_partial_blob() {
+    if !have_registry_tools("a_failed_conversion_commits_no_partial_blob") {
+        return;
+    }
+    let registry = TestRegistry::start().expect("registry");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    // Layer 1 streams several upload pieces of file data before its bad entry.
+    image::ImageBuilder::new()
+        .layer(vec![
+            image::Entry::dir("etc"),
+            image::Entry::file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        ])
+        .layer(vec![
+            image::Entry::generated_file("big", image::Generator::random(24 << 20, 5)),
+            image::Entry::file("../escaped", "evil"),
+        ])
+        .write_layout(&layout, "bad")
+        .expect("layout");
+    let reference = push(&layout, "bad", &registry, "test/partial");
+    let before = committed_blobs(&registry);
+
+    let (store, selector) = ImageStore::registry(plain_client(), &reference).unwrap();
+    let err = convert(&store, &selector, &ConvertOptions::default())
+        .await
+        .expect_err("a layer with ../ must fail")
+        .to_string();
+    assert!(err.contains("../escaped"), "{err}");
+
+    // Only layer 0's data blob was completed; layer 1's upload was abandoned.
+    let added: Vec<String> = committed_blobs(&registry)
+        .difference(&before)
+        .cloned()
+        .collect();
+    assert_eq!(
+        added.len(),
+        1,
+        "blobs committed by the failed conversion: {added:?}"
+    );
+    assert!(matches!(
+        find_artifact(&store, &selector, None).await,
+        Err(stoker_convert::ConvertError::NoArtifact(_))
+    ));
+}
