@@ -79,6 +79,9 @@ mod tests {
         };
         let text = format!("{request:?} {request:#?}");
         assert!(text.contains("registry.example:5000") && text.contains("puller"));
-        assert!(!text.contains("hunter2") && !text.contains("refresh-token"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("refresh-token"),
+            "{text}"
+        );
     }
 }
