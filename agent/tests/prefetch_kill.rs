@@ -40,9 +40,11 @@ fn start_agent(work: &Path, cache_dir: &Path, api_socket: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("start stoker-agent");
+    // This agent's own worker, listening (not a previous agent's).
     assert!(
         wait_until(Duration::from_secs(60), Duration::from_millis(20), || {
-            std::os::unix::net::UnixStream::connect(api_socket).is_ok()
+            common::worker_of(child.id()).is_some()
+                && std::os::unix::net::UnixStream::connect(api_socket).is_ok()
         }),
         "the agent API did not come up; log:\n{}",
         std::fs::read_to_string(work.join("agent.log")).unwrap_or_default()
@@ -50,12 +52,19 @@ fn start_agent(work: &Path, cache_dir: &Path, api_socket: &Path) -> Child {
     child
 }
 
+/// A client of the agent API, polling until the socket takes a gRPC connection.
 async fn unix_client(socket: &Path) -> AgentClient<tonic::transport::Channel> {
-    AgentClient::new(
-        stoker_testkit::containerd::unix_channel(socket)
-            .await
-            .expect("connect to the agent API"),
-    )
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match stoker_testkit::containerd::unix_channel(socket).await {
+            Ok(channel) => return AgentClient::new(channel),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("agent API not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect to the agent API: {e}"),
+        }
+    }
 }
 
 fn wire(image_ref: &str, plan: &Plan) -> Wire {
@@ -170,8 +179,7 @@ async fn an_agent_killed_mid_prefetch_leaves_only_verified_chunks_and_the_plan_c
             break;
         }
     }
-    agent.0.kill().expect("SIGKILL the agent");
-    let _ = agent.0.wait();
+    agent.kill9();
     let killed = Instant::now();
     assert!(
         done_at_kill > 0 && done_at_kill < total,

@@ -44,8 +44,10 @@ fn start_agent(work: &Path, wait: Duration) -> (Child, Duration, bool) {
         .stderr(log)
         .spawn()
         .expect("start stoker-agent");
+    // This agent's own worker, listening (not a previous agent's).
     let up = wait_until(wait, POLL, || {
-        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        common::worker_of(child.id()).is_some()
+            && std::os::unix::net::UnixStream::connect(&socket).is_ok()
     });
     (child, started.elapsed(), up)
 }
@@ -98,8 +100,7 @@ fn an_agent_restarted_while_the_registry_hangs_comes_up_and_recovers() {
     // The registry now accepts connections and never answers. The agent is killed
     // and started again: its lazy mount died with it and must be restored.
     proxy.set_fault_with(Fault::Latency(Duration::from_secs(3600)), Scope::All, None);
-    let _ = agent.0.kill();
-    let _ = agent.0.wait();
+    agent.kill9();
     let (child, start_delay, up) = start_agent(work.path(), Duration::from_secs(180));
     agent = AgentChild(child);
     assert!(

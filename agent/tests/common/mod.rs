@@ -139,10 +139,30 @@ impl Drop for InProcessAgent {
 /// An agent process a test started itself; killed (with its worker) when dropped.
 pub struct AgentChild(pub Child);
 
-impl Drop for AgentChild {
-    fn drop(&mut self) {
+impl AgentChild {
+    /// SIGKILL of the agent (its supervisor); returns once its worker, which dies
+    /// with it, is gone too, so that a new agent never talks to the old worker.
+    pub fn kill9(&mut self) {
+        let worker = worker_of(self.0.id());
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if let Some(worker) = worker {
+            assert!(
+                wait_until(DEADLINE, POLL, || !process_alive(worker)),
+                "the agent worker {worker} outlived its supervisor"
+            );
+        }
+    }
+}
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let worker = worker_of(self.0.id());
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if let Some(worker) = worker {
+            let _ = wait_until(DEADLINE, POLL, || !process_alive(worker));
+        }
     }
 }
 
