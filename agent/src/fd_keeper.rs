@@ -130,11 +130,6 @@ impl Keeper {
         self.len() == 0
     }
 
-    /// How many unexpired credentials are kept.
-    pub fn credential_count(&self) -> usize {
-        lock(&self.credentials).current().len()
-    }
-
     fn lock(&self) -> MutexGuard<'_, HashMap<PathBuf, OwnedFd>> {
         lock(&self.kept)
     }
@@ -152,7 +147,8 @@ impl Keeper {
                     return;
                 }
             };
-            match (message.kind, message.fd) {
+            let Message { kind, payload, fd } = message;
+            match (kind, fd) {
                 (HELLO, _) => {
                     if let Err(e) = self.send_kept(socket.as_fd()) {
                         tracing::warn!(error = %e, "fd keeper: handing mounts to the worker");
@@ -160,14 +156,16 @@ impl Keeper {
                     }
                 }
                 (KEEP, Some(fd)) => {
-                    tracing::debug!(mountpoint = %message.path.display(), "fd keeper: keeping a mount");
-                    self.lock().insert(message.path, fd);
+                    let mountpoint = mountpoint(&payload);
+                    tracing::debug!(mountpoint = %mountpoint.display(), "fd keeper: keeping a mount");
+                    self.lock().insert(mountpoint, fd);
                 }
                 (FORGET, _) => {
-                    tracing::debug!(mountpoint = %message.path.display(), "fd keeper: forgetting a mount");
-                    self.lock().remove(&message.path);
+                    let mountpoint = mountpoint(&payload);
+                    tracing::debug!(mountpoint = %mountpoint.display(), "fd keeper: forgetting a mount");
+                    self.lock().remove(&mountpoint);
                 }
-                (KEEP_CREDENTIAL, _) => match RegistryCredential::decode(&message.payload[..]) {
+                (KEEP_CREDENTIAL, _) => match RegistryCredential::decode(&payload[..]) {
                     Ok(credential) => lock(&self.credentials).keep(credential),
                     // Never the bytes: they hold a secret.
                     Err(e) => tracing::warn!(error = %e, "fd keeper: an undecodable credential"),
@@ -218,10 +216,9 @@ impl KeeperClient {
             match receive(socket.as_fd(), &mut buffer)? {
                 Some(Message {
                     kind: KEPT,
-                    path,
+                    payload,
                     fd: Some(fd),
-                    ..
-                }) => kept.mounts.push((path, fd)),
+                }) => kept.mounts.push((mountpoint(&payload), fd)),
                 Some(Message {
                     kind: KEPT_CREDENTIAL,
                     payload,
@@ -283,10 +280,13 @@ impl KeeperClient {
 
 struct Message {
     kind: u8,
-    /// The payload as a path (mount messages).
-    path: PathBuf,
     payload: Vec<u8>,
     fd: Option<OwnedFd>,
+}
+
+/// The payload of a mount message.
+fn mountpoint(payload: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(payload))
 }
 
 fn path_bytes(path: &Path) -> &[u8] {
@@ -363,11 +363,9 @@ fn receive(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> Result<Option<Message>,
         return Ok(None);
     }
     let fd = fds.next();
-    let payload = &buffer[1..length];
     Ok(Some(Message {
         kind: buffer[0],
-        path: PathBuf::from(OsStr::from_bytes(payload)),
-        payload: payload.to_vec(),
+        payload: buffer[1..length].to_vec(),
         fd,
     }))
 }

@@ -79,12 +79,7 @@ async fn prefetch(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registry_credentials_and_tokens_never_reach_the_agent_logs_or_metrics() {
     let test = "registry_credentials_and_tokens_never_reach_the_agent_logs_or_metrics";
-    for tool in ["docker-registry", "skopeo"] {
-        if !stoker_testkit::require_tool(test, tool) {
-            return;
-        }
-    }
-    if !stoker_testkit::require_root(test) {
+    if !common::registry_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

@@ -105,12 +105,7 @@ fn temp_files(cache_dir: &Path) -> usize {
 async fn an_agent_killed_mid_prefetch_leaves_only_verified_chunks_and_the_plan_completes_after_restart()
  {
     let test = "an_agent_killed_mid_prefetch_leaves_only_verified_chunks_and_the_plan_completes_after_restart";
-    for tool in ["docker-registry", "skopeo"] {
-        if !stoker_testkit::require_tool(test, tool) {
-            return;
-        }
-    }
-    if !stoker_testkit::require_root(test) {
+    if !common::registry_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

@@ -201,12 +201,7 @@ fn authorised(requests: &[ProxiedRequest]) -> Vec<&ProxiedRequest> {
 #[test]
 fn pushed_pull_secret_credentials_mount_a_private_image_and_expire() {
     let test = "pushed_pull_secret_credentials_mount_a_private_image_and_expire";
-    for tool in ["docker-registry", "skopeo"] {
-        if !stoker_testkit::require_tool(test, tool) {
-            return;
-        }
-    }
-    if !stoker_testkit::require_root(test) {
+    if !common::registry_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

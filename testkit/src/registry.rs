@@ -44,7 +44,8 @@ use crate::{TestkitError, find_tool, free_port, wait_until};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// User agent of the harness's own readiness probes; their log lines are filtered out.
-const PROBE_USER_AGENT: &str = "stoker-testkit-probe";
+/// The user agent of [`probe_v2`]'s requests, to leave them out of request logs.
+pub const PROBE_USER_AGENT: &str = "stoker-testkit-probe";
 
 /// One request as recorded in the registry's access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,8 +282,8 @@ impl Drop for TestRegistry {
     }
 }
 
-/// Sends `GET /v2/` and returns true on a `200` answer.
-fn probe_v2(addr: SocketAddr) -> bool {
+/// Sends `GET /v2/` (as [`PROBE_USER_AGENT`]) and returns true on a `200` answer.
+pub fn probe_v2(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };

@@ -25,6 +25,15 @@ use stoker_testkit::wait_until;
 pub const POLL: Duration = Duration::from_millis(20);
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// What a test of the real agent binary against a real registry needs: docker-registry,
+/// skopeo and root. Says loudly what is missing.
+pub fn registry_tests_can_run(test: &str) -> bool {
+    ["docker-registry", "skopeo"]
+        .iter()
+        .all(|tool| stoker_testkit::require_tool(test, tool))
+        && stoker_testkit::require_root(test)
+}
+
 /// True when everything the containerd tests need is here; prints SKIPPED otherwise.
 pub fn containerd_tests_can_run(test: &str) -> bool {
     stoker_testkit::require_root(test)

@@ -8,19 +8,20 @@
 //! made when dropped (the registry process, the namespace, the veth pair).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use stoker_testkit::registry::{LoggedRequest, parse_combined_log_line};
+use stoker_testkit::registry::{
+    LoggedRequest, PROBE_USER_AGENT, parse_combined_log_line, probe_v2,
+};
 use stoker_testkit::wait_until;
 
 const REGISTRY_PORT: u16 = 5000;
-const PROBE_USER_AGENT: &str = "stoker-bench-probe";
 
 /// A network namespace and a veth pair shaped by `tbf`.
 pub(crate) struct ThrottledLink {
@@ -269,21 +270,4 @@ impl Drop for NetnsRegistry {
             let _ = child.wait();
         }
     }
-}
-
-/// `GET /v2/` answered with 200.
-fn probe_v2(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let request = format!(
-        "GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {PROBE_USER_AGENT}\r\nConnection: close\r\n\r\n"
-    );
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    response.starts_with(b"HTTP/1.1 200")
 }
