@@ -45,8 +45,8 @@
 //!   and switched off cleanly if the kernel refuses. Cost of assembled files: the
 //!   file's bytes on disk a second time (bounded by [`AssemblyOptions::max_bytes`],
 //!   least recently used first out), one read and one write to assemble, one read
-//!   to verify on first use per process. Nothing passes through while an access
-//!   trace is recorded.
+//!   to verify on first use per process. While an access trace is recorded, only
+//!   single-chunk files pass through, and their open reports the chunk.
 //! - **Access tracing**: [`ChunkAccess`] events report each chunk's first read,
 //!   for startup traces and prefetch plans (issue 5), through a bounded channel
 //!   that never blocks a reader.

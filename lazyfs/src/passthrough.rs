@@ -16,9 +16,13 @@
 //!   Assembly runs on a background thread, so the open that finds the chunks
 //!   cached is served normally and later opens pass through.
 //!
-//! Nothing is passed through while an access trace is being recorded (those
-//! reads must be seen; a file already open through passthrough when the trace
-//! starts stays so until it is closed), nor for empty files.
+//! While an access trace is being recorded, only files that are exactly one
+//! chunk are passed through: any read of such a file touches that one chunk, so
+//! the open reports it to the trace (see `LazyFs::open`) and the trace stays
+//! exact at chunk granularity. Other files are read through the filesystem then,
+//! so that each chunk they touch is seen (a file already open through
+//! passthrough when the trace starts stays so until it is closed). Empty files
+//! are never passed through.
 //!
 //! ## Kernel rules this follows
 //!
@@ -124,25 +128,28 @@ impl Passthrough {
         self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Decides how to open regular file `id`. `allowed` is false while passthrough
-    /// must not be used (tracing); `open_backing` registers a backing file with
-    /// the kernel.
+    /// Decides how to open regular file `id` under `allowed`; `open_backing`
+    /// registers a backing file with the kernel.
     pub(crate) fn open(
         &self,
         index: &Index,
         cache: &ChunkCache,
         id: InodeId,
-        allowed: bool,
+        allowed: Allowed,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
     ) -> OpenMode {
         if let Some(mode) = self.join_open(id) {
             return mode;
         }
         // Look for a backing file outside the lock: it may hash a file.
-        let source = if allowed && self.is_enabled() {
-            self.backing_source(index, cache, id)
-        } else {
-            None
+        let source = match allowed {
+            _ if !self.is_enabled() => None,
+            Allowed::Nothing => None,
+            Allowed::WholeChunkFiles => whole_chunk(index, id)
+                .and_then(|chunk| index.chunk(chunk))
+                .and_then(|loc| cache.get(&loc.digest))
+                .map(BackingSource::Chunk),
+            Allowed::Any => self.backing_source(index, cache, id),
         };
         let mut inodes = self.lock();
         if let Some(mode) = join(&mut inodes, id) {
@@ -203,20 +210,40 @@ impl Passthrough {
         cache: &ChunkCache,
         id: InodeId,
     ) -> Option<BackingSource> {
-        let inode = index
-            .inode(id)
-            .filter(|i| i.kind == FileKind::File && i.size > 0)?;
-        let mut pieces = index.file_chunks(id);
-        let first = pieces.next()?;
-        if pieces.next().is_none() && first.file_offset == 0 && u64::from(first.len) == inode.size {
-            let loc = index.chunk(first.chunk)?;
+        if let Some(chunk) = whole_chunk(index, id) {
+            let loc = index.chunk(chunk)?;
             return cache.get(&loc.digest).map(BackingSource::Chunk);
         }
+        index
+            .inode(id)
+            .filter(|i| i.kind == FileKind::File && i.size > 0)?;
         let assembler = self.assembler.as_ref()?;
         assembler
             .backing_file(index, cache, id)
             .map(BackingSource::Assembled)
     }
+}
+
+/// What an open may pass through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Allowed {
+    /// Any file with a verified local backing file.
+    Any,
+    /// Only files that are exactly one cached chunk (while tracing).
+    WholeChunkFiles,
+    Nothing,
+}
+
+/// The chunk of regular file `id` if the file is exactly that one chunk: a
+/// non-empty file with one piece at offset 0 covering its whole size.
+pub(crate) fn whole_chunk(index: &Index, id: InodeId) -> Option<u32> {
+    let inode = index
+        .inode(id)
+        .filter(|i| i.kind == FileKind::File && i.size > 0)?;
+    let mut pieces = index.file_chunks(id);
+    let first = pieces.next()?;
+    (pieces.next().is_none() && first.file_offset == 0 && u64::from(first.len) == inode.size)
+        .then_some(first.chunk)
 }
 
 fn join(inodes: &mut HashMap<InodeId, InodeIo>, id: InodeId) -> Option<OpenMode> {

@@ -9,9 +9,10 @@
 //! [`FsCounters::trace_dropped`](crate::FsCounters::trace_dropped) counts it.
 //!
 //! Limits, inherent to FUSE: reads answered by the kernel page cache or by a
-//! passthrough file never reach the filesystem. Passthrough is therefore not used
-//! while a trace is being recorded, and a chunk whose pages were already cached by
-//! an earlier reader of the mount is not seen again.
+//! passthrough file never reach the filesystem. While a trace is recorded, only a
+//! file that is one whole chunk is passed through, and its open reports that chunk
+//! (any read of it would touch exactly that chunk); a chunk whose pages were
+//! already cached by an earlier reader of the mount is not seen again.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};

@@ -192,3 +192,66 @@ fn with_passthrough_off_every_read_goes_through_the_filesystem() {
         "served from the cache"
     );
 }
+
+#[test]
+fn while_tracing_only_whole_chunk_files_pass_through_and_their_open_is_traced() {
+    let name = "while_tracing_only_whole_chunk_files_pass_through_and_their_open_is_traced";
+    if !fuse_available(name) {
+        return;
+    }
+    let image = image();
+    let (events, received) = std::sync::mpsc::sync_channel(1000);
+    let options = MountOptions {
+        access_trace: Some(events),
+        ..MountOptions::default()
+    };
+    let mounted = mount_image(&image, 1 << 30, options, |cache| {
+        for path in [&b"one"[..], b"multi"] {
+            image.warm(cache, path);
+        }
+    });
+    if !mounted.handle.passthrough_enabled() {
+        eprintln!("SKIPPED: {name}: the kernel does not offer FUSE passthrough");
+        return;
+    }
+    let counters = || mounted.handle.counters();
+
+    // A cached file that is one whole chunk: passed through, and its chunk is in
+    // the trace although no read reaches the filesystem.
+    let before = counters();
+    assert_eq!(read_all(&mounted.path("one")), image.content(b"one"));
+    let after = counters();
+    assert_eq!(after.passthrough_opens, before.passthrough_opens + 1);
+    assert_eq!(after.reads, before.reads, "no FUSE read for 'one'");
+    let one = image.index.resolve(b"one").unwrap();
+    let one_chunk = image.index.file_chunks(one).next().unwrap().chunk;
+    let events: Vec<(u32, u32, u64)> = received
+        .try_iter()
+        .map(|e| (e.chunk, e.inode, e.file_offset))
+        .collect();
+    assert_eq!(events, vec![(one_chunk, one, 0)]);
+
+    // A cached file of several chunks is read through the filesystem, so that
+    // the trace sees exactly the chunks a read touches.
+    let before = counters();
+    let multi = image.index.resolve(b"multi").unwrap();
+    let mut file = File::open(mounted.path("multi")).unwrap();
+    let mut head = vec![0u8; 1000];
+    file.read_exact(&mut head).unwrap();
+    assert_eq!(head, image.content(b"multi")[..1000]);
+    drop(file);
+    assert_eq!(counters().passthrough_opens, before.passthrough_opens);
+    let seen: Vec<u32> = received.try_iter().map(|e| e.chunk).collect();
+    let first_chunk = image.index.file_chunks(multi).next().unwrap().chunk;
+    assert!(seen.contains(&first_chunk), "{seen:?}");
+    assert!(
+        seen.len() < image.index.file_chunks(multi).count(),
+        "not every chunk of 'multi' for a 1000-byte read: {seen:?}"
+    );
+
+    // Once the trace stops, every fully cached file may pass through.
+    mounted.handle.stop_access_trace();
+    let before = counters();
+    assert_eq!(read_all(&mounted.path("one")), image.content(b"one"));
+    assert_eq!(counters().passthrough_opens, before.passthrough_opens + 1);
+}
