@@ -212,8 +212,24 @@ impl Fetcher {
         wanted: &[ChunkLocation],
         priority: Priority,
     ) -> Result<Vec<ChunkData>, FetchError> {
+        self.fetch_chunks_along(wanted, &[], priority).await
+    }
+
+    /// [`Fetcher::fetch_chunks`], with `along`: chunks the caller expects to be
+    /// asked for soon (typically the ones that follow `wanted` in its blob). Those
+    /// not cached or already being fetched join `wanted`'s first requests, so
+    /// they arrive in the same ranged reads, and are verified and cached like any
+    /// other; but the call does not wait for them, does not return them, and
+    /// does not fail because of them.
+    pub async fn fetch_chunks_along(
+        &self,
+        wanted: &[ChunkLocation],
+        along: &[ChunkLocation],
+        priority: Priority,
+    ) -> Result<Vec<ChunkData>, FetchError> {
         let inner = &self.inner;
         check_locations(wanted)?;
+        check_locations(along)?;
         let (hits, mut missing) = inner.lookup_cache(distinct(wanted)).await;
         inner
             .metrics
@@ -227,13 +243,25 @@ impl Fetcher {
 
         let _on_demand =
             (priority == Priority::OnDemand && !missing.is_empty()).then(|| OnDemand::enter(inner));
+        let wanted_digests: HashSet<Digest> = wanted.iter().map(|loc| loc.digest).collect();
+        let mut along: Vec<ChunkLocation> = distinct(along)
+            .into_iter()
+            .filter(|loc| !wanted_digests.contains(&loc.digest))
+            .collect();
         for round in 1..=MAX_ROUNDS {
             if missing.is_empty() {
                 break;
             }
-            let started = inner
-                .start(missing, priority, round < MAX_ROUNDS, true)
-                .await;
+            // `along` rides with the first round only; `start` rechecks the cache
+            // in that round, so cached ones are not fetched again.
+            let locs = missing.into_iter().chain(along.drain(..)).collect();
+            let mut started = inner.start(locs, priority, round < MAX_ROUNDS, true).await;
+            started
+                .waits
+                .retain(|(loc, _)| wanted_digests.contains(&loc.digest));
+            started
+                .cached
+                .retain(|loc| wanted_digests.contains(&loc.digest));
             for (loc, flight) in started.waits {
                 let bytes = wait_for_flight(&loc, flight).await?;
                 found.insert(loc.digest, ChunkData::Fetched(bytes));

@@ -38,6 +38,15 @@
 //!   opened and the kernel asked to read them from disk now, so a warm
 //!   sequential read is not one disk wait per chunk. The kernel reads 1 MiB ahead
 //!   on the mount ([`MountOptions::kernel_readahead_kb`]).
+//! - **Read-ahead on a miss, in blob order**: a read that must go to the registry
+//!   also fetches, in the same ranged request, the chunks that follow its last
+//!   missing chunk in the blob, up to [`MountOptions::miss_readahead_bytes`]
+//!   (compressed; 512 KiB by default). The converter writes chunks in layer order,
+//!   so these are the next files of the same directory, which a starting program
+//!   (an interpreter importing a package, a loader reading its libraries) tends
+//!   to read next: one round trip then serves several files. They are verified
+//!   and cached like any chunk, but the read does not wait for them beyond the
+//!   shared request, and they are not part of the access trace unless read.
 //! - **Passthrough** (kernel 6.9+): a file whose bytes are all cached is opened with
 //!   a local backing file so the kernel reads it without this process. Single-chunk
 //!   files use the chunk's cache file; other files use a per-file copy assembled in
@@ -214,6 +223,7 @@ fn filesystem(
         fetcher,
         runtime,
         options.readahead_bytes,
+        options.miss_readahead_bytes,
     );
     let fs = fs::LazyFs::new(
         index,

@@ -63,6 +63,10 @@ pub struct MountOptions {
     /// Bytes past each read that are fetched ahead (at prefetch priority).
     /// 0 turns read-ahead off.
     pub readahead_bytes: u64,
+    /// On a read that misses the cache, the compressed bytes of the chunks that
+    /// follow the missed ones in their blob that are fetched in the same ranged
+    /// request (see the crate docs). 0 turns it off.
+    pub miss_readahead_bytes: u64,
     /// The kernel's page-cache read-ahead for this mount (`read_ahead_kb` of its
     /// backing device), which also sets how large one FUSE read is (up to 1 MiB,
     /// the kernel's request limit) and how many are in flight. The kernel's
@@ -95,6 +99,7 @@ impl Default for MountOptions {
             n_threads: 8,
             attr_timeout: std::time::Duration::from_secs(365 * 24 * 3600),
             readahead_bytes: 4 << 20,
+            miss_readahead_bytes: 512 << 10,
             kernel_readahead_kb: Some(1024),
             passthrough: true,
             assembly: None,

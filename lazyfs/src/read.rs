@@ -116,6 +116,9 @@ pub(crate) struct Reader {
     fetcher: Fetcher,
     runtime: Handle,
     readahead_bytes: u64,
+    /// Compressed bytes of the chunks following a miss in its blob that ride
+    /// along with the miss's request (see [`Reader::following_in_blob`]).
+    miss_readahead_bytes: u64,
     /// How far past a read cached chunks are read ahead from the local disk
     /// (see [`Reader::warm_up_cached`]).
     local_readahead_bytes: u64,
@@ -135,6 +138,7 @@ impl Reader {
         fetcher: Fetcher,
         runtime: Handle,
         readahead_bytes: u64,
+        miss_readahead_bytes: u64,
     ) -> Self {
         let max_chunk = u64::from(index.chunking().max_chunk_len().max(1));
         let capacity = (fetcher.cache().capacity() / 4 / max_chunk).clamp(0, 64) as usize;
@@ -149,6 +153,7 @@ impl Reader {
             fetcher,
             runtime,
             readahead_bytes,
+            miss_readahead_bytes,
             local_readahead_bytes,
             open_chunks: Arc::new(OpenChunks {
                 capacity,
@@ -240,6 +245,7 @@ impl Reader {
     ) -> Result<Vec<ChunkData>, ReadError> {
         let mut data: Vec<Option<ChunkData>> = Vec::with_capacity(pieces.len());
         let mut missing: Vec<ChunkLocation> = Vec::new();
+        let mut last_missing = None;
         for piece in pieces {
             let loc = self
                 .index
@@ -252,6 +258,7 @@ impl Reader {
             });
             if found.is_none() {
                 missing.push(loc);
+                last_missing = last_missing.max(Some(piece.chunk));
             }
             data.push(found);
         }
@@ -260,9 +267,15 @@ impl Reader {
             return Ok(data.into_iter().flatten().collect());
         }
 
-        let fetched = self
-            .runtime
-            .block_on(self.fetcher.fetch_chunks(&missing, Priority::OnDemand))?;
+        let along = last_missing.map_or_else(Vec::new, |chunk| self.following_in_blob(chunk));
+        if !along.is_empty() {
+            metrics.readahead(along.len());
+        }
+        let fetched = self.runtime.block_on(self.fetcher.fetch_chunks_along(
+            &missing,
+            &along,
+            Priority::OnDemand,
+        ))?;
         let mut fetched = fetched.into_iter();
         pieces
             .iter()
@@ -276,6 +289,38 @@ impl Reader {
                 }
             })
             .collect()
+    }
+
+    /// The chunks stored right after chunk `after` in its blob, back to back,
+    /// up to [`Reader::miss_readahead_bytes`] of compressed bytes, stopping at
+    /// the first one already cached (so that they stay one ranged read). The
+    /// converter numbers chunks in the order it writes them, so these are
+    /// chunks `after + 1`, `after + 2`, ... as long as each starts where the
+    /// previous one ends in the same blob.
+    fn following_in_blob(&self, after: u32) -> Vec<ChunkLocation> {
+        let budget = self.miss_readahead_bytes;
+        let mut following = Vec::new();
+        let (Some(mut previous), true) = (self.index.chunk(after), budget > 0) else {
+            return following;
+        };
+        let cache = self.cache();
+        let mut bytes = 0u64;
+        for next in after.saturating_add(1)..self.index.chunk_count() {
+            let Some(loc) = self.index.chunk(next) else {
+                break;
+            };
+            bytes += u64::from(loc.compressed_len);
+            if loc.blob != previous.blob
+                || loc.compressed_offset != previous.compressed_range().end
+                || bytes > budget
+                || cache.contains(&loc.digest)
+            {
+                break;
+            }
+            following.push(loc);
+            previous = loc;
+        }
+        following
     }
 
     /// Asks for the chunks up to one window past this read if the reader has come

@@ -122,8 +122,18 @@ impl Default for Setup {
             basic_auth: false,
             cache_dir: None,
             cache_bytes: 1 << 30,
-            mount: MountOptions::default(),
+            mount: fault_mount_options(),
         }
+    }
+}
+
+/// Each scenario reads a file to see what a fault does to a registry request,
+/// so no read may be answered by a chunk that rode along with an earlier miss:
+/// blob-order read-ahead is off here (reads.rs covers it, with faults too).
+fn fault_mount_options() -> MountOptions {
+    MountOptions {
+        miss_readahead_bytes: 0,
+        ..MountOptions::default()
     }
 }
 
@@ -496,7 +506,7 @@ fn flipped_bytes_give_eio_or_right_bytes_and_are_counted() {
     }
     let options = MountOptions {
         readahead_bytes: 0,
-        ..MountOptions::default()
+        ..fault_mount_options()
     };
     let f = Fixture::start(Setup {
         mount: options,
@@ -946,7 +956,7 @@ fn corrupted_cache_files_are_detected_and_refetched() {
 
     // A restarted mount (new process state, same cache directory) checks each chunk
     // file on first open.
-    f.remount(MountOptions::default());
+    f.remount(fault_mount_options());
     f.proxy.clear_requests();
     let restarted = Instant::now();
     for path in &paths {

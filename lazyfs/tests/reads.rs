@@ -396,3 +396,86 @@ fn unmount_of_a_busy_mount_detaches_it_and_open_files_keep_working() {
     let err = stoker_lazyfs::unmount(&path).unwrap_err();
     assert!(err.to_string().contains("cannot unmount"), "{err}");
 }
+
+/// Twenty single-chunk files of about 3 KiB each in directory `dir`, stored back
+/// to back in the blob in name order (as the converter writes a layer's files).
+fn package_files(b: &mut ImageBuilder, dir: &[u8], seed: u64) {
+    let dir = b.dir(Tree::ROOT, dir, meta(0o755, 0, 0));
+    for i in 0..20u64 {
+        let name = format!("m{i:02}.py");
+        let content = pattern(seed + i, 3000 + i as usize * 17);
+        b.file(dir, name.as_bytes(), &content, 1 << 20, meta(0o644, 0, 0));
+    }
+}
+
+#[test]
+fn a_miss_also_fetches_the_chunks_that_follow_it_in_the_blob_in_the_same_request() {
+    let name = "a_miss_also_fetches_the_chunks_that_follow_it_in_the_blob_in_the_same_request";
+    if !fuse_available(name) {
+        return;
+    }
+    let mut b = ImageBuilder::new();
+    package_files(&mut b, b"pkg_a", 1000);
+    package_files(&mut b, b"pkg_b", 2000);
+    let image = b.finish();
+    let options = MountOptions {
+        readahead_bytes: 0,
+        miss_readahead_bytes: 40 << 10,
+        ..MountOptions::default()
+    };
+    let mounted = mount_image(&image, 1 << 30, options, |_| {});
+    let source = &mounted.source;
+    let chunk_of = |path: &str| {
+        let id = image.index.resolve(path.as_bytes()).unwrap();
+        let piece = image.index.file_chunks(id).next().unwrap();
+        image.index.chunk(piece.chunk).unwrap()
+    };
+    let requests = || source.request_count.load(Ordering::SeqCst);
+
+    // The first read of the package is one request that also brings the files
+    // after it, as far as the 40 KiB budget goes; reading those costs nothing.
+    assert_eq!(
+        read_all(&mounted.path("pkg_a/m00.py")).unwrap(),
+        image.content(b"pkg_a/m00.py")
+    );
+    assert_eq!(requests(), 1);
+    let first = source.requests.lock().unwrap()[0].clone();
+    let along: Vec<String> = (1..20)
+        .map(|i| format!("pkg_a/m{i:02}.py"))
+        .take_while(|p| first.end >= chunk_of(p).compressed_range().end)
+        .collect();
+    assert!(
+        along.len() >= 5,
+        "a 40 KiB budget covers several 3 KiB files: {along:?}"
+    );
+    for path in &along {
+        assert_eq!(
+            read_all(&mounted.path(path)).unwrap(),
+            image.content(path.as_bytes())
+        );
+    }
+    assert_eq!(requests(), 1, "the files that rode along are cached");
+    let stats = mounted.fetcher.stats();
+    assert!(stats.bytes_fetched <= (40 << 10) + 4096, "{stats:?}");
+
+    // A chunk that rides along and fails verification is neither served nor
+    // allowed to fail the read it rode with; read on its own, it gives EIO.
+    let bad = chunk_of("pkg_b/m03.py").compressed_range();
+    source.tamper.lock().unwrap().push(bad.clone());
+    for i in 0..3 {
+        let path = format!("pkg_b/m{i:02}.py");
+        assert_eq!(
+            read_all(&mounted.path(&path)).unwrap(),
+            image.content(path.as_bytes()),
+            "{path}"
+        );
+    }
+    let err = read_all(&mounted.path("pkg_b/m03.py")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    source.tamper.lock().unwrap().clear();
+    assert_eq!(
+        read_all(&mounted.path("pkg_b/m03.py")).unwrap(),
+        image.content(b"pkg_b/m03.py"),
+        "right bytes once the source is sound again"
+    );
+}
