@@ -129,12 +129,18 @@ pub struct MlImageSize {
 }
 
 impl MlImageSize {
-    /// About 1.3 GB uncompressed: 20,000 small files, 400 libraries, 2 × 200 MB weights.
+    /// About 1.6 GB uncompressed: 20,000 small files, 400 libraries, 2 × 200 MB weights.
     pub const FULL: MlImageSize = MlImageSize {
         small_files: 20_000,
         libraries: 400,
         weight_files: 2,
         weight_file_bytes: 200 << 20,
+    };
+    /// About 2.2 GB uncompressed, for the demo (issue 4 asks for at least 2 GB):
+    /// [`FULL`](Self::FULL) with 2 × 500 MB weights.
+    pub const DEMO: MlImageSize = MlImageSize {
+        weight_file_bytes: 500 << 20,
+        ..Self::FULL
     };
     /// About 100 MB, for a quick run.
     pub const QUICK: MlImageSize = MlImageSize {
@@ -160,14 +166,22 @@ pub fn ml_image(size: MlImageSize) -> (ImageBuilder, u64) {
         base.push(Entry::dir(format!("usr/share/d{dir}")));
         packages.push(Entry::dir(format!("opt/venv/pkg{dir}")));
     }
-    for i in 0..size.small_files {
-        let bytes = 500 + next(&mut state) % 30_000;
-        total += bytes;
-        let entry = |path: String| Entry::generated_file(path, text(bytes, i as u64, &corpus));
-        if i.is_multiple_of(3) {
-            base.push(entry(format!("usr/share/d{}/file{i}.txt", i % 100)));
-        } else {
-            packages.push(entry(format!("opt/venv/pkg{}/module{i}.py", i % 100)));
+    // File i lives in directory i % 100. The layers list each directory's files
+    // together, as `docker build` and pip write them (a directory walk), not
+    // interleaved across directories.
+    let sizes: Vec<u64> = (0..size.small_files)
+        .map(|_| 500 + next(&mut state) % 30_000)
+        .collect();
+    total += sizes.iter().sum::<u64>();
+    for dir in 0..100 {
+        for i in (dir..size.small_files).step_by(100) {
+            let entry =
+                |path: String| Entry::generated_file(path, text(sizes[i], i as u64, &corpus));
+            if i.is_multiple_of(3) {
+                base.push(entry(format!("usr/share/d{dir}/file{i}.txt")));
+            } else {
+                packages.push(entry(format!("opt/venv/pkg{dir}/module{i}.py")));
+            }
         }
     }
     for i in 0..size.libraries {

@@ -47,7 +47,8 @@ async fn main() -> anyhow::Result<()> {
         let section = match name.as_str() {
             "controller" => controller_sim::run(args.quick)?,
             "convert" => convert_bench::run(size).await?,
-            "demo" => demo::run(size).await?,
+            "demo" if args.quick => demo::run(size).await?,
+            "demo" => demo::run(images::MlImageSize::DEMO).await?,
             "layout" => layout_bench::run(size).await?,
             "fuse" => fuse_bench::run(args.quick).await?,
             "headline" => headline::run().await?,
