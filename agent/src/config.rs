@@ -28,6 +28,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub timeouts: TimeoutConfig,
     pub prefetch: PrefetchConfig,
+    pub reads: ReadConfig,
     /// Address of the Prometheus endpoint (`/metrics`, `/healthz`), e.g.
     /// `0.0.0.0:9102`; no endpoint when not set.
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -112,6 +113,27 @@ pub struct TimeoutConfig {
     pub negative_cache_secs: u64,
 }
 
+/// How the lazy filesystem reads ahead of containers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadConfig {
+    /// Bytes fetched ahead of a container reading through a file.
+    pub readahead_bytes: u64,
+    /// On a read that misses the cache, the compressed bytes of the chunks that
+    /// follow it in the blob that are fetched in the same request (0: off).
+    pub miss_readahead_bytes: u64,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        let mount = stoker_lazyfs::MountOptions::default();
+        ReadConfig {
+            readahead_bytes: mount.readahead_bytes,
+            miss_readahead_bytes: mount.miss_readahead_bytes,
+        }
+    }
+}
+
 /// The prefetch executor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -132,6 +154,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             timeouts: TimeoutConfig::default(),
             prefetch: PrefetchConfig::default(),
+            reads: ReadConfig::default(),
             metrics_addr: None,
             trace: TraceConfig::default(),
             api: ApiConfig::default(),
@@ -214,6 +237,8 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("STOKER_RESOLVE_TIMEOUT_SECS", "timeouts.resolve_secs"),
     ("STOKER_NEGATIVE_CACHE_SECS", "timeouts.negative_cache_secs"),
     ("STOKER_PREFETCH_CONCURRENCY", "prefetch.concurrency"),
+    ("STOKER_READAHEAD_BYTES", "reads.readahead_bytes"),
+    ("STOKER_MISS_READAHEAD_BYTES", "reads.miss_readahead_bytes"),
     ("STOKER_METRICS_LISTEN", "metrics_addr (HOST:PORT)"),
     (
         "STOKER_METRICS_ADDR",
@@ -321,6 +346,12 @@ impl Config {
             self.prefetch.concurrency = u32::try_from(n).map_err(|_| {
                 AgentError::Config(format!("STOKER_PREFETCH_CONCURRENCY={n} is too large"))
             })?;
+        }
+        if let Some(n) = number("STOKER_READAHEAD_BYTES")? {
+            self.reads.readahead_bytes = n;
+        }
+        if let Some(n) = number("STOKER_MISS_READAHEAD_BYTES")? {
+            self.reads.miss_readahead_bytes = n;
         }
         let metrics = |name: &str| -> Result<Option<std::net::SocketAddr>, AgentError> {
             env(name)
@@ -518,11 +549,12 @@ mod tests {
         let path = dir.path().join("agent.yaml");
         std::fs::write(
             &path,
-            "state_dir: /srv/stoker\ncache:\n  max_bytes: 1000\nregistry:\n  insecure: [\"reg:5000\"]\n  mirrors:\n    docker.io: [\"https://m.example\"]\nprefetch:\n  concurrency: 4\n",
+            "state_dir: /srv/stoker\ncache:\n  max_bytes: 1000\nregistry:\n  insecure: [\"reg:5000\"]\n  mirrors:\n    docker.io: [\"https://m.example\"]\nprefetch:\n  concurrency: 4\nreads:\n  readahead_bytes: 65536\n",
         )
         .expect("write");
         let config = Config::load_with_env(Some(&path), |name| match name {
             "STOKER_PREFETCH_CONCURRENCY" => Some("7".into()),
+            "STOKER_MISS_READAHEAD_BYTES" => Some("0".into()),
             "STOKER_SNAPSHOTTER_SOCKET" => Some("/tmp/s.sock".into()),
             _ => None,
         })
@@ -530,6 +562,8 @@ mod tests {
         assert_eq!(config.state_dir, PathBuf::from("/srv/stoker"));
         assert_eq!(config.cache.max_bytes, 1000);
         assert_eq!(config.prefetch.concurrency, 7);
+        assert_eq!(config.reads.readahead_bytes, 65536);
+        assert_eq!(config.reads.miss_readahead_bytes, 0);
         assert_eq!(config.snapshotter_socket, PathBuf::from("/tmp/s.sock"));
         assert_eq!(
             config.registry.mirrors["docker.io"],

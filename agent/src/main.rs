@@ -122,7 +122,11 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         registry.clone(),
         cache.clone(),
         fetch_config.clone(),
-        stoker_lazyfs::MountOptions::default(),
+        stoker_lazyfs::MountOptions {
+            readahead_bytes: config.reads.readahead_bytes,
+            miss_readahead_bytes: config.reads.miss_readahead_bytes,
+            ..stoker_lazyfs::MountOptions::default()
+        },
     )
     .with_index_dir(config.state_dir.join("indexes"));
     if let Some(socket) = keeper_socket {
