@@ -143,7 +143,18 @@ impl Index {
         decoder
             .window_log_max(window_log_for(limit))
             .map_err(corrupt_zstd)?;
+        // The frame header gives the raw size (the encoder writes it): reserving it
+        // (never past the limit) keeps `read_to_end` from doubling the buffer, which
+        // held up to twice the index while decoding. Pages are only touched as read.
+        let stated = zstd::zstd_safe::get_frame_content_size(compressed)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .min(limit);
         let mut raw = Vec::new();
+        // A header that lies only costs address space; one that cannot be had is
+        // ignored (the buffer then grows as it is read, up to the limit).
+        let _ = raw.try_reserve_exact(stated as usize);
         decoder
             .take(limit + 1)
             .read_to_end(&mut raw)
@@ -153,6 +164,9 @@ impl Index {
                 "index expands past {limit} bytes ({MAX_EXPANSION}x its compressed size)"
             )));
         }
+        // Without a stated size `read_to_end` doubles the buffer and fills part of the
+        // spare room before reading into it: a 89 MiB index kept 16 MiB more resident.
+        raw.shrink_to_fit();
         Index::from_raw(raw)
     }
 
