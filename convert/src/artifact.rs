@@ -151,6 +151,54 @@ pub(crate) async fn publish(
     })
 }
 
+/// Publishes an index that was built directly rather than converted from the
+/// image's layers, as the Stoker artifact of the image manifest `selector` names in
+/// `store` (a tag or digest of a single-platform image): pushes every data blob the
+/// index lists (`blobs`: their bytes, in any order), the index, and last the artifact
+/// manifest, exactly as [`convert`](crate::convert) does. The agent then finds it
+/// like any converted image.
+///
+/// For tests and benchmarks that need images no tar layer could produce quickly
+/// (a million files, a sparse file of 10 GB). A blob the index lists but `blobs`
+/// lacks is an error, and so is an index that does not decode.
+pub async fn publish_prebuilt(
+    store: &ImageStore,
+    selector: &str,
+    index: EncodedIndex,
+    blobs: &[Vec<u8>],
+) -> Result<ConvertReport, ConvertError> {
+    let started = std::time::Instant::now();
+    let manifest = store.manifest(selector).await?;
+    let decoded = Index::decode_verified(&index.compressed, &index.digest)?;
+    let mut table = ChunkTable::default();
+    for i in 0..decoded.blob_count() {
+        let Some((digest, size)) = decoded.blob(i) else {
+            continue;
+        };
+        let bytes = blobs
+            .iter()
+            .find(|bytes| Digest::of(bytes) == digest)
+            .ok_or_else(|| {
+                ConvertError::Source(format!(
+                    "the index lists blob {digest} ({size} bytes) but it was not given"
+                ))
+            })?;
+        store.put_blob(bytes).await?;
+        table.add_blob(stoker_format::BlobInfo { digest, size });
+    }
+    drop(decoded);
+    publish(
+        store,
+        &manifest,
+        None,
+        index,
+        &table,
+        PackStats::default(),
+        started.elapsed(),
+    )
+    .await
+}
+
 /// A Stoker artifact, as found from its image.
 #[derive(Clone, Debug)]
 pub struct FoundArtifact {

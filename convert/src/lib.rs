@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 
 use stoker_format::{Chunking, Digest, FormatError, Plan};
 
-pub use artifact::{ConvertReport, find_artifact, load_index};
+pub use artifact::{ConvertReport, find_artifact, load_index, publish_prebuilt};
 pub use source::{ImageStore, convert};
 
 /// How to convert.
