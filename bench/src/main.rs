@@ -10,12 +10,15 @@ mod headline;
 mod images;
 mod layout_bench;
 mod load_bench;
+mod load_reader;
 mod report;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Sections to run (comma-separated): headline, demo, convert, layout, fuse,
     /// load, controller. All by default (about an hour on 2 cores, most of it
     /// building and pulling the headline's Python image the first time).
@@ -33,9 +36,19 @@ struct Args {
     out: std::path::PathBuf,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// The `load` section's reader, run inside each container.
+    #[command(hide = true)]
+    ReadFile(load_reader::ReadFileArgs),
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::ReadFile(read)) = args.command {
+        return load_reader::run(read);
+    }
     stoker_registry::install_crypto_provider();
     let size = if args.quick {
         images::MlImageSize::QUICK
