@@ -171,7 +171,11 @@ fn measure(rt: &tokio::runtime::Handle, size: LoadSize) -> anyhow::Result<Sectio
     let agent = AgentProcess::start(
         &agent_binary,
         &work.path().join("agent"),
-        &[("STOKER_INSECURE_REGISTRIES", registry.host())],
+        &[
+            ("STOKER_INSECURE_REGISTRIES", registry.host()),
+            // Debug logging would cost the loaded agent more than the reads.
+            ("STOKER_LOG", "info".to_string()),
+        ],
     )
     .context("starting stoker-agent")?;
     let containerd = TestContainerd::start(&agent.snapshotter_socket())?;
@@ -377,7 +381,8 @@ struct Node<'a> {
     agent: &'a AgentProcess,
     references: &'a [String],
     size: LoadSize,
-    /// Bind-mounted into every container at /sync: the barrier FIFO.
+    /// Bind-mounted into every container at /sync: the barrier FIFO and the readers'
+    /// summary files.
     sync_dir: PathBuf,
     /// Each container's stderr.
     log_dir: PathBuf,
@@ -386,11 +391,8 @@ struct Node<'a> {
 /// What a container's output thread reports.
 enum Event {
     Ready(usize),
-    /// Its output closed; the summary line it printed, if any.
-    Done {
-        reader: usize,
-        summary: Option<String>,
-    },
+    /// Its output closed.
+    Done(usize),
 }
 
 impl Node<'_> {
@@ -424,7 +426,7 @@ impl Node<'_> {
         };
         let (sender, events) = mpsc::channel();
         let mount = format!(
-            "type=bind,src={},dst=/sync,options=rbind:ro",
+            "type=bind,src={},dst=/sync,options=rbind:rw",
             self.sync_dir.display()
         );
         let started = Instant::now();
@@ -434,6 +436,7 @@ impl Node<'_> {
             let seed = spec.seed.to_string();
             let len = self.size.file_len.to_string();
             let barrier_in_container = format!("/sync/{run}.barrier");
+            let summary_in_container = format!("/sync/{id}.json");
             let file = format!("/data/f{}", spec.file);
             let reader_path = format!("/{READER_IN_IMAGE}");
             let mut child = self
@@ -458,6 +461,8 @@ impl Node<'_> {
                         &seed,
                         "--len",
                         &len,
+                        "--summary-file",
+                        &summary_in_container,
                         &file,
                     ],
                 )
@@ -471,17 +476,14 @@ impl Node<'_> {
             running.done.push(false);
             let sender = sender.clone();
             std::thread::spawn(move || {
-                let mut summary = None;
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     if line == READY_LINE {
                         let _ = sender.send(Event::Ready(reader));
-                    } else if let Some(json) = line.strip_prefix(SUMMARY_PREFIX) {
-                        summary = Some(json.to_string());
                     }
                 }
                 // The main thread waits for the child once it reports Done.
-                let _ = sender.send(Event::Done { reader, summary });
+                let _ = sender.send(Event::Done(reader));
             });
         }
         drop(sender);
@@ -489,18 +491,17 @@ impl Node<'_> {
 
         // Every reader waits at the barrier: every container runs.
         let mut ready = vec![false; specs.len()];
-        let mut summaries: Vec<Option<String>> = vec![None; specs.len()];
         let deadline = Instant::now() + START_DEADLINE;
         while ready.iter().any(|r| !r) {
             match running.next_event(deadline)? {
                 Event::Ready(reader) => ready[reader] = true,
-                Event::Done { reader, summary } => {
+                Event::Done(reader) => {
                     let status = running.wait(reader);
+                    let id = &running.ids[reader];
                     bail!(
-                        "container {} ended before the barrier ({status}): {}; stderr: {}",
-                        running.ids[reader],
-                        summary.unwrap_or_default(),
-                        self.stderr_of(&running.ids[reader])
+                        "container {id} ended before the barrier ({status}): {}; stderr: {}",
+                        self.summary_of(id).unwrap_or_default(),
+                        self.stderr_of(id)
                     );
                 }
             }
@@ -526,7 +527,7 @@ impl Node<'_> {
         let deadline = Instant::now() + READ_DEADLINE;
         let mut failures = Vec::new();
         while running.done.iter().any(|d| !d) {
-            if let Event::Done { reader, summary } = running.next_event(deadline)? {
+            if let Event::Done(reader) = running.next_event(deadline)? {
                 let status = running.wait(reader);
                 if !status.starts_with("exit status: 0") {
                     failures.push(format!(
@@ -535,14 +536,12 @@ impl Node<'_> {
                         self.stderr_of(&running.ids[reader])
                     ));
                 }
-                summaries[reader] = summary;
             }
         }
         let mut reports = Vec::new();
-        for (reader, summary) in summaries.into_iter().enumerate() {
-            let id = &running.ids[reader];
-            let Some(summary) = summary else {
-                failures.push(format!("{id} printed no summary"));
+        for id in &running.ids {
+            let Some(summary) = self.summary_of(id) else {
+                failures.push(format!("{id} wrote no summary"));
                 continue;
             };
             match parse_report(&summary) {
@@ -571,6 +570,14 @@ impl Node<'_> {
             mount_users,
             fuse_mounts,
         })
+    }
+
+    /// The container's summary file, in the bind-mounted directory.
+    fn summary_of(&self, id: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.sync_dir.join(format!("{id}.json"))).ok()?;
+        text.trim_end()
+            .strip_prefix(SUMMARY_PREFIX)
+            .map(str::to_string)
     }
 
     fn stderr_of(&self, id: &str) -> String {

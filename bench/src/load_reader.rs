@@ -5,8 +5,9 @@
 //! (`images::incompressible(seed, len)`), says `ready`, waits on a barrier (a FIFO
 //! bind-mounted from the host: reading starts when the host closes its end, so every
 //! container starts reading at once), then reads every 4096-byte block once in a
-//! scattered order, timing each read and checking its bytes. It prints one summary
-//! line (JSON after [`SUMMARY_PREFIX`]) and exits non-zero on any error or wrong byte.
+//! scattered order, timing each read and checking its bytes. It writes one summary
+//! line (JSON after [`SUMMARY_PREFIX`]) to standard output or to `--summary-file`, and
+//! exits non-zero on any error or wrong byte.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -37,6 +38,10 @@ pub struct ReadFileArgs {
     /// Length of the file, in bytes.
     #[arg(long)]
     len: usize,
+    /// Where to write the summary line (written to a temporary name, then renamed);
+    /// standard output when absent.
+    #[arg(long)]
+    summary_file: Option<PathBuf>,
     /// The file to read.
     path: PathBuf,
 }
@@ -59,9 +64,21 @@ pub fn run(args: ReadFileArgs) -> anyhow::Result<()> {
         "finished_unix_ns": summary.finished_unix_ns,
         "latencies_ns": summary.latencies_ns,
     });
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{SUMMARY_PREFIX}{line}")?;
-    stdout.flush()?;
+    match &args.summary_file {
+        // A file, because `ctr run` can lose a quickly exiting container's last output.
+        Some(path) => {
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, format!("{SUMMARY_PREFIX}{line}\n"))
+                .with_context(|| format!("writing {}", partial.display()))?;
+            std::fs::rename(&partial, path)
+                .with_context(|| format!("renaming {}", partial.display()))?;
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{SUMMARY_PREFIX}{line}")?;
+            stdout.flush()?;
+        }
+    }
     result
 }
 
