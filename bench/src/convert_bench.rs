@@ -173,13 +173,15 @@ pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
     ));
     section.note(format!(
         "Why: the CPU floor. Each stage that every conversion of this image must run, timed alone on one core \
-         on this image's own layer blobs (thread CPU time): gzip inflate {:.1} s; SHA-256 {:.1} s for the four \
+         on this image's own layer blobs (thread CPU time, best of {STAGE_RUNS}): gzip inflate {:.1} s; SHA-256 {:.1} s for the four \
          passes each byte needs exactly once (layer blob digests {:.1} s, diff_ids {:.1} s, chunk digests {:.1} s, \
          data blob digests {:.1} s; SHA-NI is used); zstd level 3 of 1 MiB pieces {:.1} s. That is {floor:.1} \
          CPU-seconds, {:.0} MB per CPU-second: two cores cannot convert faster than {:.0} MB/s even with nothing \
          else to do, {:.0} MB/s with the registry's {registry_cpu:.1} s. 300 MB/s on 2 cores leaves {needed:.1} \
          CPU-seconds for the converter and the registry together: SHA-256, zstd and the registry alone take \
-         {:.1} s, before a single byte is inflated.",
+         {:.1} s, before a single byte is inflated. The conversions above used {:.1} CPU-seconds at best: \
+         what lies above the floor is tar parsing, copies, allocation and the loopback TCP, and the load \
+         (stages timed alone are timed at their best).",
         stages.inflate,
         stages.sha256_total(),
         stages.sha256_compressed,
@@ -191,6 +193,7 @@ pub async fn run(size: MlImageSize) -> anyhow::Result<Section> {
         2.0 * total_bytes as f64 / 1e6 / floor,
         2.0 * total_bytes as f64 / 1e6 / (floor + registry_cpu),
         stages.sha256_total() + stages.zstd + registry_cpu,
+        total_bytes as f64 / 1e6 / per_cpu_second.max(0.01),
     ));
     section.note(format!(
         "The serial part: each layer is read by one thread (inflate, tar, diff_id: {:.1} s here), layers one \
@@ -306,7 +309,7 @@ fn measure_stages(dir: &Path, layers: &[WrittenLayer]) -> anyhow::Result<StageCo
     for layer in layers {
         let path = blob_path(dir, &layer.blob.digest);
         let blob = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let (tar, secs) = timed(|| {
+        let (tar, secs) = best_of(|| {
             let mut tar = Vec::with_capacity(blob.len() * 2);
             flate2::bufread::MultiGzDecoder::new(&blob[..])
                 .read_to_end(&mut tar)
@@ -314,18 +317,18 @@ fn measure_stages(dir: &Path, layers: &[WrittenLayer]) -> anyhow::Result<StageCo
         });
         let tar = tar.with_context(|| format!("inflating {}", path.display()))?;
         costs.inflate += secs;
-        costs.sha256_compressed += timed(|| stoker_format::Digest::of(&blob)).1;
-        costs.sha256_uncompressed += timed(|| {
+        costs.sha256_compressed += best_of(|| stoker_format::Digest::of(&blob)).1;
+        costs.sha256_uncompressed += best_of(|| {
             tar.chunks(1 << 20)
                 .map(stoker_format::Digest::of)
                 .fold(0u8, |x, d| x ^ d.0[0])
         })
         .1;
-        let (frames, secs) = timed(|| compress_pieces(&tar, 3));
+        let (frames, secs) = best_of(|| compress_pieces(&tar, 3));
         let frames = frames?;
         costs.zstd += secs;
         costs.zstd_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
-        costs.sha256_blobs += timed(|| {
+        costs.sha256_blobs += best_of(|| {
             let mut hasher = stoker_format::Hasher::new();
             for frame in &frames {
                 hasher.update(frame);
@@ -334,7 +337,7 @@ fn measure_stages(dir: &Path, layers: &[WrittenLayer]) -> anyhow::Result<StageCo
         })
         .1;
         drop(frames);
-        let (frames, secs) = timed(|| compress_pieces(&tar, 1));
+        let (frames, secs) = best_of(|| compress_pieces(&tar, 1));
         costs.zstd_fast += secs;
         costs.zstd_fast_bytes += frames?.iter().map(|f| f.len() as u64).sum::<u64>();
     }
@@ -349,11 +352,25 @@ fn compress_pieces(data: &[u8], level: i32) -> std::io::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// Runs `work` and returns its result and the CPU seconds this thread spent on it.
-fn timed<T>(work: impl FnOnce() -> T) -> (T, f64) {
-    let before = thread_cpu_seconds();
-    let result = std::hint::black_box(work());
-    (result, thread_cpu_seconds() - before)
+/// Each stage is timed this many times, and its shortest time kept: the machine
+/// is shared, and a stage is only ever slowed down by what else runs.
+const STAGE_RUNS: usize = 2;
+
+/// Runs `work` [`STAGE_RUNS`] times; returns its last result and the fewest CPU
+/// seconds this thread spent on one run.
+fn best_of<T>(mut work: impl FnMut() -> T) -> (T, f64) {
+    let mut best = f64::MAX;
+    let mut result = None;
+    for _ in 0..STAGE_RUNS {
+        drop(result.take());
+        let before = thread_cpu_seconds();
+        result = Some(std::hint::black_box(work()));
+        best = best.min(thread_cpu_seconds() - before);
+    }
+    match result {
+        Some(result) => (result, best),
+        None => (work(), 0.0),
+    }
 }
 
 /// CPU seconds (user + system) of the calling thread, from `/proc/thread-self/stat`.
