@@ -162,7 +162,7 @@ pub fn table(result: &DemoResult) -> Section {
     );
     for run in result.runs() {
         if let Some(c) = run.agent_counters {
-            section.note(&format!(
+            section.note(format!(
                 "{}: the agent answered {} FUSE reads; {} files were opened with FUSE passthrough \
                  (read by the kernel from the chunk cache, not through the agent).",
                 run.name, c.fuse_reads, c.passthrough_opens
