@@ -207,6 +207,8 @@ fn measure(rt: &tokio::runtime::Handle, size: LoadSize) -> anyhow::Result<Sectio
     let cold = node
         .run_all(&specs, "cold")
         .with_context(|| format!("cold run; agent log:\n{}", agent.log_tail(4000)))?;
+    // Fetches the cold run started (read-ahead along the blob) may still be in flight.
+    wait_until_registry_idle(&registry)?;
     let cold_blob_gets = blob_gets(&registry);
 
     eprintln!("bench load: warm run ({} containers)", specs.len());
@@ -215,7 +217,14 @@ fn measure(rt: &tokio::runtime::Handle, size: LoadSize) -> anyhow::Result<Sectio
     let warm = node
         .run_all(&specs, "warm")
         .with_context(|| format!("warm run; agent log:\n{}", agent.log_tail(4000)))?;
+    wait_until_registry_idle(&registry)?;
     let warm_blob_gets = blob_gets(&registry);
+    let warm_requests: Vec<String> = registry
+        .requests()
+        .iter()
+        .filter(|r| r.is_blob_get())
+        .map(|r| format!("{} ({} bytes)", r.path, r.response_bytes))
+        .collect();
 
     // containerd goes first (its containers and rootfs mounts), then the agent.
     drop(containerd);
@@ -271,6 +280,12 @@ fn measure(rt: &tokio::runtime::Handle, size: LoadSize) -> anyhow::Result<Sectio
          layers and containers).",
         cold.fuse_mounts, warm.fuse_mounts, cold.mount_users, warm.mount_users
     ));
+    if !warm_requests.is_empty() {
+        section.note(format!(
+            "Blob requests the registry logged during the warm run: {}.",
+            warm_requests.join(", ")
+        ));
+    }
     section.note(format!(
         "p99 by mount: the first image's ({} containers on one lazy mount) {:.0} µs cold, {:.0} µs \
          warm; the other images' ({} containers each) {:.0} µs cold, {:.0} µs warm.",
@@ -363,6 +378,24 @@ fn blob_gets(registry: &TestRegistry) -> usize {
         .iter()
         .filter(|r| r.is_blob_get())
         .count()
+}
+
+/// Waits until the registry has logged no new request for 2 s (at most a minute).
+fn wait_until_registry_idle(registry: &TestRegistry) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = registry.requests().len();
+        let changed =
+            stoker_testkit::wait_until(Duration::from_secs(2), Duration::from_millis(100), || {
+                registry.requests().len() != seen
+            });
+        if !changed {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the registry is still serving requests a minute after the run");
+        }
+    }
 }
 
 fn drop_page_cache() -> anyhow::Result<()> {
