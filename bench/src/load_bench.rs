@@ -596,32 +596,35 @@ impl Node<'_> {
         let released = Instant::now();
         running.barrier = None;
         let deadline = Instant::now() + READ_DEADLINE;
-        let mut failures = Vec::new();
+        let mut exits = vec![String::new(); specs.len()];
         while running.done.iter().any(|d| !d) {
             if let Event::Done(reader) = running.next_event(deadline)? {
-                let status = running.wait(reader);
-                if !status.starts_with("exit status: 0") {
-                    failures.push(format!(
-                        "{} exited with {status}: {}",
-                        running.ids[reader],
-                        self.stderr_of(&running.ids[reader])
-                    ));
-                }
+                exits[reader] = running.wait(reader);
             }
         }
         let read_phase = released.elapsed();
         let agent_cpu = agent_cpu_time(self.agent.state_dir()).saturating_sub(agent_cpu_before);
+        // One line per failed container: its summary's error, else its exit.
+        let mut failures = Vec::new();
         let mut reports = Vec::new();
-        for (id, spec) in running.ids.iter().zip(specs) {
+        for ((id, spec), exit) in running.ids.iter().zip(specs).zip(&exits) {
             let Some(summary) = self.summary_of(id) else {
-                failures.push(format!("{id} wrote no summary"));
+                failures.push(format!(
+                    "{id} wrote no summary ({exit}): {}",
+                    self.stderr_of(id)
+                ));
                 continue;
             };
             match parse_report(&summary) {
-                Ok(report) if report.errors == 0 => reports.push(ReaderReport {
-                    image: spec.image,
-                    ..report
-                }),
+                Ok(report) if report.errors == 0 && exit == "exit status: 0" => {
+                    reports.push(ReaderReport {
+                        image: spec.image,
+                        ..report
+                    })
+                }
+                Ok(report) if report.errors == 0 => {
+                    failures.push(format!("{id} exited with {exit}: {}", self.stderr_of(id)))
+                }
                 Ok(report) => failures.push(format!(
                     "{id}: {} errors: {}",
                     report.errors,
