@@ -19,8 +19,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use common::{
-    AgentProcess, DEADLINE, POLL, UnmountOnDrop, containerd_tests_can_run, plain_http_client, push,
-    runtime,
+    AgentProcess, DEADLINE, POLL, UnmountOnDrop, containerd_tests_can_run, pattern,
+    plain_http_client, push, runtime,
 };
 use stoker_format::{
     BlobInfo, ChunkId, ChunkRecord, ChunkTable, Chunking, Digest, EncodedIndex, FilePiece, Meta,
@@ -54,19 +54,6 @@ fn meta(permissions: u32) -> Meta {
         mtime_nsec: 0,
         xattrs: BTreeMap::new(),
     }
-}
-
-/// Deterministic, poorly compressible bytes.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 /// The data at the sparse file's non-hole offsets.

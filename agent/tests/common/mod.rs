@@ -536,3 +536,16 @@ pub fn convert(
     })
     .expect("stoker convert")
 }
+
+/// Deterministic, incompressible bytes (xorshift).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
