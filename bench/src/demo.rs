@@ -576,7 +576,7 @@ pub(crate) fn run_container(
 }
 
 /// Blob GETs the registry served since its requests were last cleared.
-fn blob_gets(registry: &TestRegistry) -> usize {
+pub(crate) fn blob_gets(registry: &TestRegistry) -> usize {
     registry
         .requests()
         .iter()

@@ -35,6 +35,7 @@ use stoker_testkit::containerd::{
 use stoker_testkit::image::{Entry, ImageBuilder, push_layout};
 use stoker_testkit::registry::TestRegistry;
 
+use crate::demo::blob_gets;
 use crate::images::incompressible;
 use crate::load_reader::{READ_SIZE, READY_LINE, SUMMARY_PREFIX};
 use crate::report::Section;
@@ -370,14 +371,6 @@ fn percentile_ns(sorted: &[u64], p: f64) -> f64 {
     }
     let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[rank.min(sorted.len() - 1)] as f64
-}
-
-fn blob_gets(registry: &TestRegistry) -> usize {
-    registry
-        .requests()
-        .iter()
-        .filter(|r| r.is_blob_get())
-        .count()
 }
 
 /// Waits until the registry has logged no new request for 2 s (at most a minute).
