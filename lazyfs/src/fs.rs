@@ -23,9 +23,8 @@ use tracing::{debug, info};
 use crate::Shared;
 use crate::attr::{self, BLOCK_SIZE, file_attr, id_of, ino_of};
 use crate::metrics::Op;
-use crate::passthrough::{Allowed, OpenMode, whole_chunk};
+use crate::passthrough::OpenMode;
 use crate::read::{ReadState, Reader, log_read_error};
-use crate::trace::Offered;
 
 /// An open regular file.
 struct OpenFile {
@@ -88,27 +87,6 @@ impl LazyFs {
         id_of(ino)
             .and_then(|id| self.index.inode(id))
             .ok_or(Errno::ENOENT)
-    }
-
-    /// What an open of regular file `id` may pass through. While a trace is
-    /// recorded, only a file that is one whole chunk, and only once that chunk
-    /// is in the trace: the open reports it, since the kernel will not send the
-    /// file's reads here.
-    fn passthrough_allowed(&self, id: InodeId) -> Allowed {
-        let trace = &self.shared.trace;
-        if !trace.is_active() {
-            return Allowed::Any;
-        }
-        let Some(chunk) = whole_chunk(&self.index, id) else {
-            return Allowed::Nothing;
-        };
-        match trace.offer(chunk, id, 0) {
-            Offered::Sent | Offered::Skipped => Allowed::WholeChunkFiles,
-            Offered::Dropped => {
-                self.shared.metrics.trace_dropped();
-                Allowed::Nothing
-            }
-        }
     }
 
     fn refuse(&self) -> Errno {
@@ -256,7 +234,8 @@ impl Filesystem for LazyFs {
             &self.index,
             self.reader.cache(),
             inode.id,
-            self.passthrough_allowed(inode.id),
+            &self.shared.trace,
+            &self.shared.metrics,
             |file| reply.open_backing(file),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);

@@ -18,7 +18,7 @@
 //!
 //! While an access trace is being recorded, only files that are exactly one
 //! chunk are passed through: any read of such a file touches that one chunk, so
-//! the open reports it to the trace (see `LazyFs::open`) and the trace stays
+//! the open reports it to the trace and the trace stays
 //! exact at chunk granularity. Other files are read through the filesystem then,
 //! so that each chunk they touch is seen (a file already open through
 //! passthrough when the trace starts stays so until it is closed). Empty files
@@ -54,6 +54,7 @@ use stoker_format::{Digest, FileKind, Index, InodeId};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::trace::{AccessTrace, Offered};
 
 /// Where and how much to assemble per-file backing files for passthrough.
 #[derive(Clone, Debug)]
@@ -128,28 +129,28 @@ impl Passthrough {
         self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Decides how to open regular file `id` under `allowed`; `open_backing`
-    /// registers a backing file with the kernel.
+    /// Decides how to open regular file `id`; `open_backing` registers a backing
+    /// file with the kernel. While `trace` is recording, see
+    /// [`Passthrough::traced_chunk_source`].
     pub(crate) fn open(
         &self,
         index: &Index,
         cache: &ChunkCache,
         id: InodeId,
-        allowed: Allowed,
+        trace: &AccessTrace,
+        metrics: &Metrics,
         open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
     ) -> OpenMode {
         if let Some(mode) = self.join_open(id) {
             return mode;
         }
         // Look for a backing file outside the lock: it may hash a file.
-        let source = match allowed {
-            _ if !self.is_enabled() => None,
-            Allowed::Nothing => None,
-            Allowed::WholeChunkFiles => whole_chunk(index, id)
-                .and_then(|chunk| index.chunk(chunk))
-                .and_then(|loc| cache.get(&loc.digest))
-                .map(BackingSource::Chunk),
-            Allowed::Any => self.backing_source(index, cache, id),
+        let source = if !self.is_enabled() {
+            None
+        } else if trace.is_active() {
+            traced_chunk_source(index, cache, id, trace, metrics)
+        } else {
+            self.backing_source(index, cache, id)
         };
         let mut inodes = self.lock();
         if let Some(mode) = join(&mut inodes, id) {
@@ -224,19 +225,31 @@ impl Passthrough {
     }
 }
 
-/// What an open may pass through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Allowed {
-    /// Any file with a verified local backing file.
-    Any,
-    /// Only files that are exactly one cached chunk (while tracing).
-    WholeChunkFiles,
-    Nothing,
+/// The backing source while a trace is recorded: only for a file that is exactly
+/// one cached chunk, and only once the trace holds that chunk. No read of a
+/// passed-through file reaches the filesystem, so the open reports the one chunk
+/// any read of it would touch. `None` (the file is read through the filesystem,
+/// which traces each chunk read) for any other file, or when the trace has no
+/// room for the event.
+fn traced_chunk_source(
+    index: &Index,
+    cache: &ChunkCache,
+    id: InodeId,
+    trace: &AccessTrace,
+    metrics: &Metrics,
+) -> Option<BackingSource> {
+    let chunk = whole_chunk(index, id)?;
+    let cached = cache.get(&index.chunk(chunk)?.digest)?;
+    if trace.offer(chunk, id, 0) == Offered::Dropped {
+        metrics.trace_dropped();
+        return None;
+    }
+    Some(BackingSource::Chunk(cached))
 }
 
 /// The chunk of regular file `id` if the file is exactly that one chunk: a
 /// non-empty file with one piece at offset 0 covering its whole size.
-pub(crate) fn whole_chunk(index: &Index, id: InodeId) -> Option<u32> {
+fn whole_chunk(index: &Index, id: InodeId) -> Option<u32> {
     let inode = index
         .inode(id)
         .filter(|i| i.kind == FileKind::File && i.size > 0)?;
