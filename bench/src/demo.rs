@@ -359,13 +359,18 @@ fn measure_blocking(size: MlImageSize, rt: &tokio::runtime::Handle) -> anyhow::R
 /// image's files nor cached chunks in memory.
 pub(crate) fn drop_caches() {
     // Failing only makes the starts warmer than they should be: warn, go on.
-    let synced = std::process::Command::new("sync").status();
-    if let Err(e) = synced
-        .map_err(anyhow::Error::from)
-        .and_then(|_| std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(anyhow::Error::from))
-    {
+    if let Err(e) = drop_page_cache() {
         eprintln!("stoker-bench: WARNING: could not drop the page cache: {e}");
     }
+}
+
+/// `sync`, then drops the page cache, dentries and inodes; fails if either fails.
+pub(crate) fn drop_page_cache() -> anyhow::Result<()> {
+    let synced = std::process::Command::new("sync").status()?;
+    if !synced.success() {
+        bail!("sync failed: {synced}");
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
 /// Root, /dev/fuse and the Debian packages the demo runs (`make deps` installs them).

@@ -35,7 +35,7 @@ use stoker_testkit::containerd::{
 use stoker_testkit::image::{Entry, ImageBuilder, push_layout};
 use stoker_testkit::registry::TestRegistry;
 
-use crate::demo::blob_gets;
+use crate::demo::{blob_gets, drop_page_cache};
 use crate::images::incompressible;
 use crate::load_reader::{READ_SIZE, READY_LINE, SUMMARY_PREFIX};
 use crate::report::Section;
@@ -389,14 +389,6 @@ fn wait_until_registry_idle(registry: &TestRegistry) -> anyhow::Result<()> {
             bail!("the registry is still serving requests a minute after the run");
         }
     }
-}
-
-fn drop_page_cache() -> anyhow::Result<()> {
-    let synced = std::process::Command::new("sync").status()?;
-    if !synced.success() {
-        bail!("sync failed: {synced}");
-    }
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
 /// The image layer holding the reader: this binary, stripped, at [`READER_IN_IMAGE`],
