@@ -170,19 +170,20 @@ pub async fn publish_prebuilt(
     let started = std::time::Instant::now();
     let manifest = store.manifest(selector).await?;
     let decoded = Index::decode_verified(&index.compressed, &index.digest)?;
+    let given: std::collections::HashMap<Digest, &Vec<u8>> = blobs
+        .iter()
+        .map(|bytes| (Digest::of(bytes), bytes))
+        .collect();
     let mut table = ChunkTable::default();
     for i in 0..decoded.blob_count() {
         let Some((digest, size)) = decoded.blob(i) else {
             continue;
         };
-        let bytes = blobs
-            .iter()
-            .find(|bytes| Digest::of(bytes) == digest)
-            .ok_or_else(|| {
-                ConvertError::Source(format!(
-                    "the index lists blob {digest} ({size} bytes) but it was not given"
-                ))
-            })?;
+        let bytes = given.get(&digest).ok_or_else(|| {
+            ConvertError::Source(format!(
+                "the index lists blob {digest} ({size} bytes) but it was not given"
+            ))
+        })?;
         store.put_blob(bytes).await?;
         table.add_blob(stoker_format::BlobInfo { digest, size });
     }
