@@ -38,6 +38,9 @@ pub(crate) struct LazyFs {
     shared: Arc<Shared>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
+    /// The first file handle of this session: lower ones were handed out by an
+    /// earlier process of a resumed mount.
+    first_fh: u64,
     /// How long the kernel may cache names and attributes.
     ttl: Duration,
     want_passthrough: bool,
@@ -68,6 +71,7 @@ impl LazyFs {
             shared,
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            first_fh: 1,
             ttl,
             want_passthrough,
             default_permissions,
@@ -78,8 +82,9 @@ impl LazyFs {
 
     /// Numbers this session's file handles from `first` on (a resumed session must
     /// not reuse the handles of the session before it).
-    pub(crate) fn with_first_file_handle(self, first: u64) -> Self {
+    pub(crate) fn with_first_file_handle(mut self, first: u64) -> Self {
         self.next_fh.store(first, Ordering::Relaxed);
+        self.first_fh = first;
         self
     }
 
@@ -236,7 +241,6 @@ impl Filesystem for LazyFs {
             inode.id,
             &self.shared.trace,
             &self.shared.metrics,
-            |file| reply.open_backing(file),
         );
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let file = Arc::new(OpenFile {
@@ -250,9 +254,16 @@ impl Filesystem for LazyFs {
         // Nothing is ever written, so `close` has nothing to flush: no FLUSH
         // request per close.
         match mode {
-            OpenMode::Passthrough(backing) => {
+            OpenMode::Passthrough(id) => {
                 self.shared.metrics.passthrough_opened();
+                // SAFETY: `id` is registered on this session's connection (by this
+                // process, or by an earlier one of a resumed mount) and stays
+                // registered while the inode has opens: `Passthrough` closes it
+                // after the last release. `into_raw` hands it back below, so the
+                // wrapper does not close it when dropped.
+                let backing = unsafe { reply.wrap_backing(id) };
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &backing);
+                backing.into_raw();
             }
             // The image never changes: keep the page cache across opens.
             OpenMode::Cached => reply.opened(
@@ -305,7 +316,7 @@ impl Filesystem for LazyFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -318,10 +329,18 @@ impl Filesystem for LazyFs {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&fh.0);
+        // Reply first: the kernel has already ended this open's I/O mode, and a
+        // release counted before a crash but not answered would be counted
+        // twice (the kernel resends it).
+        reply.ok();
         if let Some(file) = file {
             self.shared.passthrough.release(file.id);
+        } else if fh.0 < self.first_fh
+            && let Some(id) = id_of(ino)
+        {
+            // An open answered by an earlier process of this mount.
+            self.shared.passthrough.release(id);
         }
-        reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {

@@ -77,14 +77,20 @@
 //!
 //! [`resume`] serves a mount again from its kept `/dev/fuse` descriptor in a new
 //! process, without the processes using it seeing an error (see `mount.rs`).
+//! With an open-state file ([`MountOptions::open_state`], see `open_state.rs`) the
+//! new process knows how every file still open was opened, and so keeps using
+//! passthrough: the kernel only accepts an open in the mode (and with the backing
+//! file) of the other opens of the same file.
 //!
-//! `unsafe` is limited to the `mount(2)`/`umount2(2)` calls and the FUSE
-//! descriptor hand-over (`dup3(2)`, the resend notification).
+//! `unsafe` is limited to the `mount(2)`/`umount2(2)` calls, the FUSE
+//! descriptor hand-over (`dup3(2)`, the resend notification), and passthrough
+//! backing ids (wrapping a raw id for a reply, closing one).
 
 mod attr;
 mod fs;
 mod metrics;
 mod mount;
+mod open_state;
 mod passthrough;
 mod read;
 mod trace;
@@ -150,7 +156,12 @@ pub fn mount(
     mountpoint: &Path,
     options: MountOptions,
 ) -> Result<MountHandle, LazyFsError> {
-    let (fs, shared) = filesystem(index, fetcher, &options)?;
+    let state = options.open_state.as_deref().and_then(|path| {
+        open_state::OpenStateFile::create(path)
+            .inspect_err(|e| tracing::error!(path = %path.display(), error = %e, "cannot create the open-state file; after an agent restart this mount answers opens without passthrough"))
+            .ok()
+    });
+    let (fs, shared) = filesystem(index, fetcher, &options, state, Vec::new())?;
     mount::mount_session(fs, shared, mountpoint, &options)
 }
 
@@ -160,14 +171,19 @@ pub fn mount(
 /// another process. Processes using the mount see no error: their requests
 /// waited in the kernel and are answered now, including those the earlier
 /// process had read but not answered (Linux 6.9+). `index` must be the image the
-/// mount served.
+/// mount served, and `options` its options.
 ///
-/// A resumed mount never uses passthrough: the kernel fails an open (EIO) whose
-/// mode differs from the other opens of the same file, and the opens the earlier
-/// process answered are unknown here. So every open is answered in the cached
-/// mode. Limitation: a file that the earlier process opened with passthrough and
-/// that is still open cannot be opened again until it is closed (the kernel
-/// would need the same backing file, which only the earlier process knew).
+/// The kernel refuses an open whose mode (cached or passthrough, and the backing
+/// file) differs from the other opens of the same file still alive, so a resumed
+/// mount must know how the earlier process answered them. It reads that from the
+/// mount's open-state file ([`MountOptions::open_state`]): a file the earlier
+/// process opened with passthrough and that is still open is opened again with
+/// the same backing file, one still open in cached mode is opened in cached mode
+/// until all those opens are closed, and every other file passes through as
+/// usual. Without a usable open-state file (none configured, missing, or
+/// damaged), the resumed mount never uses passthrough, and a file that the
+/// earlier process opened with passthrough and that is still open cannot be
+/// opened again until it is closed.
 pub fn resume(
     index: Arc<Index>,
     fetcher: Fetcher,
@@ -175,22 +191,35 @@ pub fn resume(
     fuse_device: OwnedFd,
     options: MountOptions,
 ) -> Result<MountHandle, LazyFsError> {
+    let restored = options.open_state.as_deref().and_then(|path| {
+        open_state::OpenStateFile::resume(path, index.inode_count())
+            .inspect_err(|e| tracing::error!(path = %path.display(), error = %e, "no usable open-state file; the resumed mount answers every open without passthrough"))
+            .ok()
+    });
+    let (state, opens, passthrough) = match restored {
+        Some((state, opens)) => (Some(state), opens, options.passthrough),
+        None => (None, Vec::new(), false),
+    };
+    tracing::info!(mountpoint = %mountpoint.display(), open_inodes = opens.len(), passthrough, "resuming a mount");
     let options = MountOptions {
-        passthrough: false,
+        passthrough,
         ..options
     };
-    let (fs, shared) = filesystem(index, fetcher, &options)?;
+    let (fs, shared) = filesystem(index, fetcher, &options, state, opens)?;
     // File handles the earlier process gave out may still be in use: number ours
     // from a point they cannot have reached.
     let fs = fs.with_first_file_handle(resumed_file_handle_base());
     mount::resume_session(fs, shared, mountpoint, fuse_device, &options)
 }
 
-/// The filesystem for `index` and the state its mount handle shares with it.
+/// The filesystem for `index` and the state its mount handle shares with it;
+/// open modes are kept in `state`, starting from the `restored` opens.
 fn filesystem(
     index: Arc<Index>,
     fetcher: Fetcher,
     options: &MountOptions,
+    state: Option<open_state::OpenStateFile>,
+    restored: Vec<(stoker_format::InodeId, open_state::OpenRecord)>,
 ) -> Result<(fs::LazyFs, Arc<Shared>), LazyFsError> {
     let runtime = fetch_runtime()?;
     let metrics = Arc::new(metrics::Metrics::new());
@@ -212,7 +241,7 @@ fn filesystem(
     let shared = Arc::new(Shared {
         metrics,
         trace: trace::AccessTrace::new(index.chunk_count()),
-        passthrough: passthrough::Passthrough::new(assembler),
+        passthrough: passthrough::Passthrough::new(assembler, state, restored),
     });
     if let Some(sender) = options.access_trace.clone() {
         shared.trace.start(sender);

@@ -85,6 +85,11 @@ pub struct MountOptions {
     pub assembly: Option<AssemblyOptions>,
     /// Start recording first chunk accesses right away (see [`ChunkAccess`]).
     pub access_trace: Option<SyncSender<ChunkAccess>>,
+    /// A file (on a tmpfs, e.g. under `/run`) where the mount keeps how its open
+    /// files were opened, so that [`crate::resume`] can go on using passthrough
+    /// (see `open_state.rs`). Truncated by [`crate::mount`], deleted at unmount.
+    /// `None`: a resumed mount never uses passthrough.
+    pub open_state: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -104,6 +109,7 @@ impl Default for MountOptions {
             passthrough: true,
             assembly: None,
             access_trace: None,
+            open_state: None,
         }
     }
 }
@@ -189,6 +195,7 @@ impl MountHandle {
                     "mount busy: detached lazily; it ends when its last user closes"
                 );
                 drop(session.guard);
+                self.shared.passthrough.end();
                 return Ok(());
             }
             Err(source) => {
@@ -205,6 +212,7 @@ impl MountHandle {
                 warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error")
             }
         }
+        self.shared.passthrough.end();
         info!(mountpoint = %self.mountpoint.display(), "unmounted");
         Ok(())
     }
@@ -246,6 +254,7 @@ pub(crate) fn mount_session(
     // From here on the kernel has a mount; undo it on any failure.
     let started = (|| {
         let kept = device.try_clone()?;
+        shared.passthrough.set_device(device.try_clone()?);
         let session = Session::from_fd(fs, device, session_acl(options), session_config(options))?;
         Ok::<_, io::Error>((session.spawn()?, kept))
     })();
@@ -312,6 +321,9 @@ pub(crate) fn resume_session(
     if rc < 0 {
         return Err(resume_error(io::Error::last_os_error()));
     }
+    shared
+        .passthrough
+        .set_device(device.try_clone().map_err(resume_error)?);
     resend_pending_requests(&device, &mountpoint);
     let session = session.spawn().map_err(resume_error)?;
     info!(mountpoint = %mountpoint.display(), threads = options.n_threads, "resumed the FUSE connection of a mount");

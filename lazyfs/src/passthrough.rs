@@ -37,15 +37,23 @@
 //! on ext4/xfs, not on overlayfs). If the kernel refuses a backing file for any
 //! reason, passthrough is switched off for the mount and opens fall back to
 //! normal reads.
+//!
+//! Backing ids are kept as the kernel's raw numbers and closed here when an
+//! inode's last open is released, never when the process exits: a process that
+//! dies leaves them registered on the connection, and a process resuming the
+//! mount ([`crate::resume`]) takes over the opens and backing ids recorded in the
+//! mount's open-state file ([`crate::open_state`]), so that it answers each inode
+//! still open in the mode the kernel holds it in.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use fuser::BackingId;
 use sha2::{Digest as _, Sha256};
@@ -54,6 +62,7 @@ use stoker_format::{Digest, FileKind, Index, InodeId};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::open_state::{OpenRecord, OpenStateFile};
 use crate::trace::{AccessTrace, Offered};
 
 /// Where and how much to assemble per-file backing files for passthrough.
@@ -67,10 +76,12 @@ pub struct AssemblyOptions {
 }
 
 /// How an open was answered.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum OpenMode {
     Cached,
-    Passthrough(Arc<BackingId>),
+    /// With this backing id, registered on the mount's connection and kept
+    /// registered by [`Passthrough`] while the inode has opens.
+    Passthrough(u32),
 }
 
 /// Open modes per inode (see the module docs for the kernel's rules).
@@ -80,10 +91,42 @@ enum InodeIo {
     },
     Passthrough {
         opens: u32,
-        backing: Arc<BackingId>,
+        /// The kernel's backing id, closed when the last open is released.
+        backing: u32,
         /// Keeps the backing file pinned (chunk) or in use (assembled file).
-        _source: BackingSource,
+        /// `None` when an earlier process of a resumed mount registered it: the
+        /// kernel holds that file open itself.
+        _source: Option<BackingSource>,
     },
+}
+
+impl InodeIo {
+    fn opens(&mut self) -> &mut u32 {
+        match self {
+            InodeIo::Cached { opens } | InodeIo::Passthrough { opens, .. } => opens,
+        }
+    }
+
+    fn mode(&self) -> OpenMode {
+        match self {
+            InodeIo::Cached { .. } => OpenMode::Cached,
+            InodeIo::Passthrough { backing, .. } => OpenMode::Passthrough(*backing),
+        }
+    }
+
+    fn record(&self) -> OpenRecord {
+        match *self {
+            InodeIo::Cached { opens } => OpenRecord {
+                cached: opens,
+                ..OpenRecord::default()
+            },
+            InodeIo::Passthrough { opens, backing, .. } => OpenRecord {
+                passthrough: opens,
+                backing,
+                ..OpenRecord::default()
+            },
+        }
+    }
 }
 
 enum BackingSource {
@@ -100,21 +143,73 @@ impl BackingSource {
     }
 }
 
+/// The open modes of the inodes with opens, and the file they are kept in.
+struct Modes {
+    inodes: HashMap<InodeId, InodeIo>,
+    state: Option<OpenStateFile>,
+}
+
+impl Modes {
+    /// Writes the opens of `id` to the open-state file, if there is one. False if
+    /// that failed (see [`crate::open_state`]).
+    fn save(&mut self, id: InodeId) -> bool {
+        let record = self
+            .inodes
+            .get(&id)
+            .map(InodeIo::record)
+            .unwrap_or_default();
+        self.state
+            .as_mut()
+            .is_none_or(|state| state.write(id, record))
+    }
+}
+
 pub(crate) struct Passthrough {
     /// Asked for by the mount options and granted by the kernel, and no backing
-    /// file refused since.
+    /// file refused or open-state write failed since.
     enabled: AtomicBool,
-    inodes: Mutex<HashMap<InodeId, InodeIo>>,
+    modes: Mutex<Modes>,
     assembler: Option<Assembler>,
+    /// The mount's FUSE connection, on which backing files are registered.
+    device: OnceLock<OwnedFd>,
 }
 
 impl Passthrough {
-    pub(crate) fn new(assembler: Option<Assembler>) -> Self {
+    /// Open modes kept in `state` if given, starting from the `restored` opens an
+    /// earlier process of the mount answered (see [`crate::open_state`]).
+    pub(crate) fn new(
+        assembler: Option<Assembler>,
+        state: Option<OpenStateFile>,
+        restored: Vec<(InodeId, OpenRecord)>,
+    ) -> Self {
+        let inodes = restored
+            .into_iter()
+            .map(|(id, record)| {
+                let io = if record.passthrough > 0 {
+                    InodeIo::Passthrough {
+                        opens: record.passthrough,
+                        backing: record.backing,
+                        _source: None,
+                    }
+                } else {
+                    InodeIo::Cached {
+                        opens: record.cached,
+                    }
+                };
+                (id, io)
+            })
+            .collect();
         Passthrough {
             enabled: AtomicBool::new(false),
-            inodes: Mutex::new(HashMap::new()),
+            modes: Mutex::new(Modes { inodes, state }),
             assembler,
+            device: OnceLock::new(),
         }
+    }
+
+    /// Gives the mount's `/dev/fuse` descriptor, once mounted.
+    pub(crate) fn set_device(&self, device: OwnedFd) {
+        let _ = self.device.set(device);
     }
 
     pub(crate) fn enable(&self) {
@@ -125,13 +220,12 @@ impl Passthrough {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<InodeId, InodeIo>> {
-        self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Modes> {
+        self.modes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Decides how to open regular file `id`; `open_backing` registers a backing
-    /// file with the kernel. While `trace` is recording, see
-    /// [`Passthrough::traced_chunk_source`].
+    /// Decides how to open regular file `id`, and records it before the caller
+    /// replies. While `trace` is recording, see [`traced_chunk_source`].
     pub(crate) fn open(
         &self,
         index: &Index,
@@ -139,9 +233,8 @@ impl Passthrough {
         id: InodeId,
         trace: &AccessTrace,
         metrics: &Metrics,
-        open_backing: impl FnOnce(&File) -> io::Result<BackingId>,
     ) -> OpenMode {
-        if let Some(mode) = self.join_open(id) {
+        if let Some(mode) = self.join(&mut self.lock(), id) {
             return mode;
         }
         // Look for a backing file outside the lock: it may hash a file.
@@ -152,56 +245,92 @@ impl Passthrough {
         } else {
             self.backing_source(index, cache, id)
         };
-        let mut inodes = self.lock();
-        if let Some(mode) = join(&mut inodes, id) {
+        let mut modes = self.lock();
+        if let Some(mode) = self.join(&mut modes, id) {
             return mode; // another open of this inode won the race
         }
-        let Some(source) = source else {
-            inodes.insert(id, InodeIo::Cached { opens: 1 });
-            return OpenMode::Cached;
+        let io = match source.and_then(|source| Some((self.register(&source)?, source))) {
+            Some((backing, source)) => InodeIo::Passthrough {
+                opens: 1,
+                backing,
+                _source: Some(source),
+            },
+            None => InodeIo::Cached { opens: 1 },
         };
-        match open_backing(source.file()) {
-            Ok(backing) => {
-                let backing = Arc::new(backing);
-                inodes.insert(
-                    id,
-                    InodeIo::Passthrough {
-                        opens: 1,
-                        backing: Arc::clone(&backing),
-                        _source: source,
-                    },
-                );
-                OpenMode::Passthrough(backing)
-            }
+        let mode = io.mode();
+        modes.inodes.insert(id, io);
+        self.save(&mut modes, id);
+        mode
+    }
+
+    /// Counts one more open of `id` if it has opens already, in their mode.
+    fn join(&self, modes: &mut Modes, id: InodeId) -> Option<OpenMode> {
+        let io = modes.inodes.get_mut(&id)?;
+        let opens = io.opens();
+        *opens = opens.saturating_add(1);
+        let mode = io.mode();
+        self.save(modes, id);
+        Some(mode)
+    }
+
+    /// Writes the opens of `id` to the open-state file; if that fails, new files
+    /// are no longer passed through (see [`crate::open_state`]).
+    fn save(&self, modes: &mut Modes, id: InodeId) {
+        if !modes.save(id) {
+            self.enabled.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Registers `source` as a backing file on the connection. On a refusal,
+    /// passthrough is switched off for the mount.
+    fn register(&self, source: &BackingSource) -> Option<u32> {
+        let registered = match self.device.get() {
+            Some(device) => BackingId::create_raw(device, source.file()),
+            None => Err(io::Error::other("the mount has no FUSE connection yet")),
+        };
+        match registered {
+            Ok(backing) => Some(backing),
             Err(e) => {
                 if self.enabled.swap(false, Ordering::Relaxed) {
                     warn!(error = %e, "the kernel refused a passthrough backing file; passthrough is off for this mount");
                 }
-                inodes.insert(id, InodeIo::Cached { opens: 1 });
-                OpenMode::Cached
+                None
             }
         }
     }
 
-    fn join_open(&self, id: InodeId) -> Option<OpenMode> {
-        join(&mut self.lock(), id)
-    }
-
-    /// Called on release of an open of `id`.
+    /// Called on release of an open of `id`, after the reply (see
+    /// [`crate::open_state`] for why after).
     pub(crate) fn release(&self, id: InodeId) {
-        let removed = {
-            let mut inodes = self.lock();
-            let last = match inodes.get_mut(&id) {
-                Some(InodeIo::Cached { opens }) | Some(InodeIo::Passthrough { opens, .. }) => {
-                    *opens = opens.saturating_sub(1);
-                    *opens == 0
-                }
-                None => false,
+        let ended = {
+            let mut modes = self.lock();
+            let Some(io) = modes.inodes.get_mut(&id) else {
+                return;
             };
-            if last { inodes.remove(&id) } else { None }
+            let opens = io.opens();
+            *opens = opens.saturating_sub(1);
+            let ended = if *opens == 0 {
+                modes.inodes.remove(&id)
+            } else {
+                None
+            };
+            self.save(&mut modes, id);
+            ended
         };
         // Closing the backing id (an ioctl) and unpinning happen outside the lock.
-        drop(removed);
+        if let Some(InodeIo::Passthrough { backing, .. }) = ended
+            && let Some(device) = self.device.get()
+            && let Err(e) = close_backing(device, backing)
+        {
+            warn!(backing, error = %e, "cannot close a passthrough backing id");
+        }
+    }
+
+    /// The mount has ended: its open-state file goes.
+    pub(crate) fn end(&self) {
+        if let Some(state) = self.lock().state.as_mut() {
+            state.remove();
+        }
     }
 
     /// A verified local file holding exactly the bytes of file `id`, if there is one.
@@ -223,6 +352,28 @@ impl Passthrough {
             .backing_file(index, cache, id)
             .map(BackingSource::Assembled)
     }
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)` in the kernel's
+/// generic ioctl encoding.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+
+/// Ends the registration of `backing` on the FUSE connection `device`. Files
+/// opened with it keep their backing file until they are closed.
+fn close_backing(device: &OwnedFd, backing: u32) -> io::Result<()> {
+    // SAFETY: `device` is an open /dev/fuse descriptor, and the ioctl reads one
+    // u32 through the pointer, which points at a live local for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            device.as_raw_fd(),
+            FUSE_DEV_IOC_BACKING_CLOSE as _,
+            &backing as *const u32,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The backing source while a trace is recorded: only for a file that is exactly
@@ -257,19 +408,6 @@ fn whole_chunk(index: &Index, id: InodeId) -> Option<u32> {
     let first = pieces.next()?;
     (pieces.next().is_none() && first.file_offset == 0 && u64::from(first.len) == inode.size)
         .then_some(first.chunk)
-}
-
-fn join(inodes: &mut HashMap<InodeId, InodeIo>, id: InodeId) -> Option<OpenMode> {
-    match inodes.get_mut(&id)? {
-        InodeIo::Cached { opens } => {
-            *opens += 1;
-            Some(OpenMode::Cached)
-        }
-        InodeIo::Passthrough { opens, backing, .. } => {
-            *opens += 1;
-            Some(OpenMode::Passthrough(Arc::clone(backing)))
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------

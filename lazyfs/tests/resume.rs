@@ -1,8 +1,13 @@
 //! Resuming a mount in a new process ([`stoker_lazyfs::resume`]): a child process
-//! mounts an image and is SIGKILLed while a read waits on it; this process, which
-//! took a copy of the mount's `/dev/fuse` descriptor, resumes the mount, and the
-//! waiting read returns the right bytes (the kernel resent it), with no error and
-//! no remount.
+//! mounts an image and is SIGKILLed; this process, which took a copy of the
+//! mount's `/dev/fuse` descriptor, resumes the mount:
+//!
+//! - a read that waited on the killed child returns the right bytes (the kernel
+//!   resent it), with no error and no remount;
+//! - files kept open across the kill, one opened with passthrough and one in
+//!   cached mode, can be opened again (the kernel refuses an open in another mode
+//!   or with another backing file), every other file passes through, and once
+//!   the old opens are closed their files pass through too.
 
 mod common;
 
@@ -22,7 +27,11 @@ use stoker_lazyfs::MountOptions;
 
 /// Set in the child: the directory to mount at.
 const CHILD_ENV: &str = "STOKER_RESUME_TEST_MOUNTPOINT";
+/// Set in the child of [`OPEN_TEST`]: the chunk cache and open-state file to use.
+const CHILD_CACHE_ENV: &str = "STOKER_RESUME_TEST_CACHE";
+const CHILD_STATE_ENV: &str = "STOKER_RESUME_TEST_STATE";
 const TEST: &str = "a_read_waiting_on_a_killed_server_is_answered_by_the_resumed_mount";
+const OPEN_TEST: &str = "files_open_across_a_crash_are_opened_again_in_their_mode_after_resume";
 
 fn image() -> TestImage {
     let mut b = ImageBuilder::new();
@@ -72,6 +81,37 @@ fn serve_in_child(mountpoint: &Path) {
     .expect("mount in the child");
     use std::os::fd::AsRawFd;
     println!("\nchild: fd {}", handle.fuse_device().as_raw_fd());
+    loop {
+        std::thread::park();
+    }
+}
+
+/// The child of [`OPEN_TEST`]: mounts [`open_image`] over a working source, a
+/// chunk cache and an open-state file given by the parent, prints the mount's
+/// `/dev/fuse` descriptor number, then answers each line on its standard input
+/// with its count of passthrough opens, until it is killed.
+fn serve_opens_in_child(mountpoint: &Path) {
+    let var = |name: &str| PathBuf::from(std::env::var_os(name).expect(name));
+    let cache = ChunkCache::open(var(CHILD_CACHE_ENV), 1 << 30).expect("cache");
+    let (_source, fetcher) = fetcher_for(&open_image(), cache);
+    let handle = stoker_lazyfs::mount(
+        Arc::clone(&open_image().index),
+        fetcher,
+        mountpoint,
+        MountOptions {
+            open_state: Some(var(CHILD_STATE_ENV)),
+            ..MountOptions::default()
+        },
+    )
+    .expect("mount in the child");
+    use std::os::fd::AsRawFd;
+    println!("\nchild: fd {}", handle.fuse_device().as_raw_fd());
+    for _ in std::io::stdin().lines() {
+        println!(
+            "\nchild: passthrough opens {}",
+            handle.counters().passthrough_opens
+        );
+    }
     loop {
         std::thread::park();
     }
@@ -194,4 +234,154 @@ fn a_read_waiting_on_a_killed_server_is_answered_by_the_resumed_mount() {
     );
     handle.unmount().expect("unmount");
     assert!(!is_mounted(&mountpoint));
+}
+
+/// Three single-chunk files: two are cached before the mount, one is not.
+fn open_image() -> TestImage {
+    let mut b = ImageBuilder::new();
+    for (seed, name) in [(11, "passed"), (12, "cached"), (13, "fresh")] {
+        b.file(
+            Tree::ROOT,
+            name.as_bytes(),
+            &pattern(seed, 200_000),
+            1 << 20,
+            meta(0o644, 0, 0),
+        );
+    }
+    b.finish()
+}
+
+#[test]
+fn files_open_across_a_crash_are_opened_again_in_their_mode_after_resume() {
+    if let Some(mountpoint) = std::env::var_os(CHILD_ENV) {
+        serve_opens_in_child(Path::new(&mountpoint));
+        return;
+    }
+    if !fuse_available(OPEN_TEST) {
+        return;
+    }
+    let image = open_image();
+    let cache_dir = tempfile::tempdir().expect("cache dir");
+    {
+        let cache = ChunkCache::open(cache_dir.path(), 1 << 30).expect("cache");
+        image.warm(&cache, b"passed");
+        image.warm(&cache, b"fresh");
+    }
+    let run_dir = tempfile::tempdir().expect("runtime dir");
+    let state = run_dir.path().join("mount.open-state");
+    let dir = tempfile::tempdir().expect("mount point");
+    let mountpoint: PathBuf = dir.path().canonicalize().expect("canonical mount point");
+    let mut child = KillOnDrop(
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", OPEN_TEST, "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, &mountpoint)
+            .env(CHILD_CACHE_ENV, cache_dir.path())
+            .env(CHILD_STATE_ENV, &state)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the serving child"),
+    );
+    let mut ask = child.0.stdin.take().expect("child stdin");
+    let mut lines = BufReader::new(child.0.stdout.take().expect("child stdout")).lines();
+    let mut next_line = |what: &str| loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the child exited before {what}"))
+            .expect("read child output");
+        if let Some((_, rest)) = line.split_once(&format!("child: {what}")) {
+            return rest.trim().to_string();
+        }
+    };
+    let fd: i32 = next_line("fd").parse().expect("descriptor number");
+    let kept = take_descriptor(child.0.id(), fd);
+    let mut child_passthrough_opens = || {
+        use std::io::Write;
+        ask.write_all(b"?\n").expect("ask the child");
+        next_line("passthrough opens")
+            .parse::<u64>()
+            .expect("a count")
+    };
+
+    // Kept open across the crash: one file passed through, one read through the
+    // filesystem (its chunk was not cached when it was opened).
+    let passed = std::fs::File::open(mountpoint.join("passed")).expect("open passed");
+    assert_eq!(
+        child_passthrough_opens(),
+        1,
+        "passed is opened with passthrough"
+    );
+    let mut cached = std::fs::File::open(mountpoint.join("cached")).expect("open cached");
+    let mut bytes = Vec::new();
+    cached.read_to_end(&mut bytes).expect("read cached");
+    assert!(bytes == image.content(b"cached"));
+    assert_eq!(
+        child_passthrough_opens(),
+        1,
+        "cached is opened in cached mode"
+    );
+
+    child.0.kill().expect("SIGKILL the child");
+    child.0.wait().expect("reap the child");
+    assert!(is_mounted(&mountpoint), "the mount outlived its server");
+    assert!(state.exists(), "the open-state file outlived its writer");
+
+    let cache = ChunkCache::open(cache_dir.path(), 1 << 30).expect("cache");
+    let (_source, fetcher) = fetcher_for(&image, cache);
+    let handle = stoker_lazyfs::resume(
+        Arc::clone(&image.index),
+        fetcher,
+        &mountpoint,
+        kept,
+        MountOptions {
+            open_state: Some(state.clone()),
+            ..MountOptions::default()
+        },
+    )
+    .expect("resume the mount");
+    let read = |name: &str| std::fs::read(mountpoint.join(name));
+    let passthrough_opens = || handle.counters().passthrough_opens;
+
+    // Open again in passthrough mode, with the backing file the child registered.
+    let again = read("passed").expect("open passed again after the resume");
+    assert!(again == image.content(b"passed"), "passed reads right");
+    assert_eq!(passthrough_opens(), 1, "passed is passed through again");
+    let mut old = vec![0; 1000];
+    use std::os::unix::fs::FileExt;
+    passed
+        .read_exact_at(&mut old, 5000)
+        .expect("read the old open of passed");
+    assert!(old[..] == image.content(b"passed")[5000..6000]);
+    // Open again in cached mode, though its chunk is cached now.
+    let again = read("cached").expect("open cached again after the resume");
+    assert!(again == image.content(b"cached"), "cached reads right");
+    assert_eq!(
+        passthrough_opens(),
+        1,
+        "cached stays in cached mode while open"
+    );
+    // Not open before: passed through.
+    let fresh = read("fresh").expect("open fresh");
+    assert!(fresh == image.content(b"fresh"), "fresh reads right");
+    assert_eq!(passthrough_opens(), 2, "fresh is passed through");
+
+    // The old opens' releases reach this process: cached passes through then.
+    drop(passed);
+    drop(cached);
+    let passed_through = stoker_testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(20),
+        || {
+            let before = passthrough_opens();
+            read("cached").is_ok_and(|b| b == image.content(b"cached"))
+                && passthrough_opens() > before
+        },
+    );
+    assert!(
+        passed_through,
+        "cached is passed through once its old open is closed"
+    );
+    handle.unmount().expect("unmount");
+    assert!(!is_mounted(&mountpoint));
+    assert!(!state.exists(), "unmounting deletes the open-state file");
 }
