@@ -22,6 +22,7 @@ use stoker_api::agent::{
     TraceSummary as TraceSummaryMessage,
 };
 use stoker_format::{Digest, Plan};
+use stoker_snapshotter::Snapshotter;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -31,7 +32,6 @@ use tracing::{debug, warn};
 use crate::AgentError;
 use crate::credentials::PushedCredentials;
 use crate::prefetch::{PrefetchRequest, PrefetchState, Prefetches, Progress};
-use crate::snapshotter::Snapshotter;
 use crate::tls::{self, ReloadingTls};
 use crate::trace::{TraceSummary, Traces};
 

@@ -1,27 +1,20 @@
 //! The agent library's one error type.
 
-use std::path::PathBuf;
-
-/// Everything that can go wrong in the agent. Each snapshot error maps to the gRPC
-/// code containerd's proxy client turns back into the matching `errdefs` error
-/// (see [`AgentError::grpc_code`]).
+/// Everything that can go wrong in the agent. Each error maps to a gRPC code (see
+/// [`AgentError::grpc_code`]); snapshot errors keep the one containerd's proxy client
+/// turns back into the matching `errdefs` error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The snapshot (or its parent) does not exist. gRPC `NotFound`.
-    #[error("snapshot {0:?} not found")]
-    NotFound(String),
+    /// A snapshot call failed (the error carries its own gRPC code).
+    #[error(transparent)]
+    Snapshotter(#[from] stoker_snapshotter::SnapshotterError),
 
-    /// A snapshot with this key or name exists already. gRPC `AlreadyExists`;
-    /// remote snapshotters also answer this when a layer needs no unpacking.
-    #[error("snapshot {0:?} already exists")]
-    AlreadyExists(String),
-
-    /// The snapshot is in the wrong state for the call (e.g. committing a view,
-    /// removing a snapshot that has children). gRPC `FailedPrecondition`.
+    /// The call is not possible in the current state (e.g. a trace already under
+    /// way). gRPC `FailedPrecondition`.
     #[error("{0}")]
     FailedPrecondition(String),
 
-    /// The request itself is malformed (bad filter, immutable field, ...).
+    /// The request itself is malformed (e.g. not an image reference).
     /// gRPC `InvalidArgument`.
     #[error("{0}")]
     InvalidArgument(String),
@@ -34,23 +27,7 @@ pub enum AgentError {
         source: std::io::Error,
     },
 
-    /// The snapshot metadata store (redb) failed.
-    #[error("snapshot metadata store {path}: {source}")]
-    Store {
-        path: PathBuf,
-        #[source]
-        source: Box<redb::Error>,
-    },
-
-    /// A stored snapshot record cannot be decoded.
-    #[error("snapshot record {name:?} is corrupt: {source}")]
-    CorruptRecord {
-        name: String,
-        #[source]
-        source: serde_json::Error,
-    },
-
-    /// Looking up an image's Stoker artifact or mounting its lazy filesystem failed.
+    /// Work on a remote image (its index, its trace, its prefetch) failed.
     #[error("remote image {image}: {message}")]
     Remote { image: String, message: String },
 
@@ -71,15 +48,11 @@ impl AgentError {
     /// The gRPC status code containerd expects for this error.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            AgentError::NotFound(_) => tonic::Code::NotFound,
-            AgentError::AlreadyExists(_) => tonic::Code::AlreadyExists,
+            AgentError::Snapshotter(error) => error.grpc_code(),
             AgentError::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             AgentError::InvalidArgument(_) => tonic::Code::InvalidArgument,
             AgentError::Config(_) => tonic::Code::InvalidArgument,
-            AgentError::Io { .. }
-            | AgentError::Store { .. }
-            | AgentError::CorruptRecord { .. }
-            | AgentError::Remote { .. } => tonic::Code::Internal,
+            AgentError::Io { .. } | AgentError::Remote { .. } => tonic::Code::Internal,
         }
     }
 }

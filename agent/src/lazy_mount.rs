@@ -33,10 +33,9 @@ use stoker_fetch::{FetchConfig, Fetcher, RegistrySource};
 use stoker_format::{Digest, Index};
 use stoker_lazyfs::{MountHandle, MountOptions};
 use stoker_registry::RegistryClient;
+use stoker_snapshotter::{LazyImage, LazyMounter, SnapshotterError};
 
-use crate::AgentError;
 use crate::fd_keeper::KeeperClient;
-use crate::snapshotter::{LazyImage, LazyMounter};
 
 /// One image mounted by a [`RegistryLazyMounter`]. Cheap to clone.
 #[derive(Clone)]
@@ -205,8 +204,8 @@ impl RegistryLazyMounter {
         &self,
         image: &LazyImage,
         mountpoint: &Path,
-    ) -> Result<MountedLazyImage, AgentError> {
-        let failed = |message: String| AgentError::Remote {
+    ) -> Result<MountedLazyImage, SnapshotterError> {
+        let failed = |message: String| SnapshotterError::Remote {
             image: image.image_ref.clone(),
             message,
         };
@@ -283,7 +282,7 @@ impl LazyMounter for RegistryLazyMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         Box::pin(async move {
             let mounted = self.mount_image(image, mountpoint).await?;
             let replaced = self.lock().insert(mountpoint.to_path_buf(), mounted);
@@ -299,7 +298,7 @@ impl LazyMounter for RegistryLazyMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         Box::pin(async move {
             let Some(mounted) = self.lock().remove(mountpoint) else {
                 return Ok(());
@@ -313,11 +312,11 @@ impl LazyMounter for RegistryLazyMounter {
                 Err(_shared) => stoker_lazyfs::unmount(&target),
             })
             .await
-            .map_err(|e| AgentError::Remote {
+            .map_err(|e| SnapshotterError::Remote {
                 image: image.image_ref.clone(),
                 message: format!("unmount task failed: {e}"),
             })?
-            .map_err(|e| AgentError::Remote {
+            .map_err(|e| SnapshotterError::Remote {
                 image: image.image_ref.clone(),
                 message: error_chain(&e),
             })

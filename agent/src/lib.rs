@@ -7,9 +7,13 @@
 //! Stoker artifact it skips the download and unpack, mounts the image's lazy filesystem
 //! once per node, and gives containers an overlay on top of it.
 //!
+//! The snapshotter itself (snapshot semantics, metadata store, remote-snapshot hook,
+//! gRPC service) is the `stoker-snapshotter` crate; the agent plugs the registry and
+//! the lazy filesystem into it through its two traits,
+//! [`ImageResolver`](stoker_snapshotter::ImageResolver) and
+//! [`LazyMounter`](stoker_snapshotter::LazyMounter), and serves it.
+//!
 //! Modules:
-//! - [`snapshotter`]: snapshot semantics, metadata store (redb), remote-snapshot hook
-//!   ([`snapshotter::ImageResolver`], [`snapshotter::LazyMounter`]), gRPC service;
 //! - [`lazy_mount`]: [`lazy_mount::RegistryLazyMounter`], mounting an image's lazy
 //!   filesystem (index, fetcher over the node's chunk cache, FUSE mount);
 //! - [`resolver`]: [`resolver::RegistryResolver`], finding an image's Stoker artifact in
@@ -38,7 +42,6 @@ pub mod node_gate;
 pub mod prefetch;
 pub mod resolver;
 pub mod server;
-pub mod snapshotter;
 pub mod supervisor;
 pub mod tls;
 pub mod trace;
@@ -48,4 +51,3 @@ mod error;
 
 pub use config::Config;
 pub use error::AgentError;
-pub use snapshotter::Snapshotter;

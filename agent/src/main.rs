@@ -28,11 +28,11 @@ use stoker_agent::lazy_mount::RegistryLazyMounter;
 use stoker_agent::node_gate;
 use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
 use stoker_agent::resolver::RegistryResolver;
-use stoker_agent::snapshotter::SnapshotterOptions;
 use stoker_agent::supervisor;
 use stoker_agent::tls::ReloadingTls;
 use stoker_agent::trace::{Traces, TracingMounter};
-use stoker_agent::{Config, Snapshotter, server};
+use stoker_agent::{Config, server};
+use stoker_snapshotter::{Snapshotter, SnapshotterOptions};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 

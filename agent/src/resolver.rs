@@ -16,8 +16,7 @@ use stoker_format::Digest;
 use stoker_format::artifact::{ARTIFACT_TYPE, INDEX_MEDIA_TYPE};
 use stoker_registry::{Reference, RegistryClient, RegistryError};
 
-use crate::AgentError;
-use crate::snapshotter::{ImageResolver, StokerArtifact};
+use stoker_snapshotter::{ImageResolver, SnapshotterError, StokerArtifact};
 
 /// Finds Stoker artifacts through a [`RegistryClient`].
 #[derive(Clone)]
@@ -34,8 +33,8 @@ impl RegistryResolver {
         &self,
         image_ref: &str,
         manifest_digest: &str,
-    ) -> Result<Option<StokerArtifact>, AgentError> {
-        let failed = |message: String| AgentError::Remote {
+    ) -> Result<Option<StokerArtifact>, SnapshotterError> {
+        let failed = |message: String| SnapshotterError::Remote {
             image: image_ref.to_string(),
             message,
         };
@@ -105,7 +104,7 @@ impl ImageResolver for RegistryResolver {
         &'a self,
         image_ref: &'a str,
         manifest_digest: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>> {
+    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
         Box::pin(self.lookup(image_ref, manifest_digest))
     }
 }

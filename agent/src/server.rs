@@ -5,12 +5,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use stoker_snapshotter::Snapshotter;
+use stoker_snapshotter::service::SnapshotsService;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::AgentError;
-use crate::snapshotter::Snapshotter;
-use crate::snapshotter::service::SnapshotsService;
 
 /// Binds a unix socket at `path` for root only: creates the parent directory (mode
 /// 0700 when it is new), replaces a stale socket file left by a previous process,

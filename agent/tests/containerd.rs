@@ -17,7 +17,7 @@ use common::{
     AgentProcess, BindMounter, DEADLINE, EXPECTED, FakeResolver, InProcessAgent, POLL, READ_LAYERS,
     containerd_tests_can_run, layer_gets, mounts_under, push, runtime, three_layer_image,
 };
-use stoker_agent::snapshotter::StokerArtifact;
+use stoker_snapshotter::StokerArtifact;
 use stoker_testkit::containerd::{CRI_NAMESPACE, TestContainerd};
 use stoker_testkit::image::WrittenImage;
 use stoker_testkit::registry::TestRegistry;

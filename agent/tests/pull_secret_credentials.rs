@@ -26,13 +26,13 @@ use common::{
     AgentChild, DEADLINE, POLL, UnmountOnDrop, convert, get_metrics, plain_http_client,
     process_alive, snapshots_client, worker_of,
 };
-use stoker_agent::snapshotter::remote::{
-    IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
-};
 use stoker_api::agent::agent_client::AgentClient;
 use stoker_api::agent::{RegistryCredential, SetCredentialsRequest, StatusRequest};
 use stoker_api::snapshots::snapshots_client::SnapshotsClient;
 use stoker_api::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use stoker_snapshotter::remote::{
+    IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
+};
 use stoker_testkit::fault_proxy::{FaultProxy, ProxiedRequest, ProxyAuth};
 use stoker_testkit::image::{Entry, ImageBuilder, push_layout};
 use stoker_testkit::registry::TestRegistry;

@@ -10,16 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{BindMounter, FakeResolver, InProcessAgent, runtime, snapshots_client};
 use prost_types::FieldMask;
-use stoker_agent::snapshotter::StokerArtifact;
-use stoker_agent::snapshotter::remote::{
-    IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
-};
 use stoker_api::Mount;
 use stoker_api::snapshots::snapshots_client::SnapshotsClient;
 use stoker_api::snapshots::{
     CleanupRequest, CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest, MountsRequest,
     PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest,
     UsageRequest, ViewSnapshotRequest,
+};
+use stoker_snapshotter::StokerArtifact;
+use stoker_snapshotter::remote::{
+    IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
 };
 use tonic::Code;
 use tonic::transport::Channel;

@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use stoker_agent::snapshotter::filter::{Filter, matches_any};
-use stoker_agent::snapshotter::remote::{
+use stoker_snapshotter::filter::{Filter, matches_any};
+use stoker_snapshotter::remote::{
     IMAGE_REF_LABEL, LAYER_DIGEST_LABEL, MANIFEST_DIGEST_LABEL, SNAPSHOT_REF_LABEL,
 };
-use stoker_agent::snapshotter::{LayerLabels, SnapshotKind, SnapshotRecord};
+use stoker_snapshotter::{LayerLabels, SnapshotKind, SnapshotRecord};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

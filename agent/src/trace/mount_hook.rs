@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
 use stoker_format::Digest;
+use stoker_snapshotter::{LazyImage, LazyMounter, SnapshotterError};
 use tracing::warn;
 
 use super::{TraceSubject, Traces};
 use crate::AgentError;
 use crate::lazy_mount::RegistryLazyMounter;
-use crate::snapshotter::{LazyImage, LazyMounter};
 
 pub struct TracingMounter {
     inner: Arc<RegistryLazyMounter>,
@@ -76,7 +76,7 @@ impl LazyMounter for TracingMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         Box::pin(async move {
             self.inner.mount(image, mountpoint).await?;
             if self.recording.load(Ordering::Acquire) {
@@ -93,7 +93,7 @@ impl LazyMounter for TracingMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         self.inner.unmount(image, mountpoint)
     }
 

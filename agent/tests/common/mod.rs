@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use stoker_agent::AgentError;
-use stoker_agent::snapshotter::{
+use stoker_api::snapshots::snapshots_client::SnapshotsClient;
+use stoker_snapshotter::SnapshotterError;
+use stoker_snapshotter::{
     ImageResolver, LazyImage, LazyMounter, NoArtifacts, NoLazyMounts, Snapshotter,
     SnapshotterOptions, StokerArtifact,
 };
-use stoker_api::snapshots::snapshots_client::SnapshotsClient;
 use stoker_testkit::image::{Entry, ImageBuilder, WrittenImage, push_layout};
 use stoker_testkit::registry::{LoggedRequest, TestRegistry};
 use stoker_testkit::wait_until;
@@ -309,7 +309,7 @@ impl ImageResolver for FakeResolver {
         &'a self,
         _image_ref: &'a str,
         manifest_digest: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>> {
+    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let answer = self.artifacts.get(manifest_digest).cloned();
         Box::pin(async move { Ok(answer) })
@@ -338,11 +338,11 @@ impl LazyMounter for BindMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         self.mounts.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             run_tool("mount", &["--bind", "-o", "ro"], &[&self.tree, mountpoint]).map_err(
-                |message| AgentError::Remote {
+                |message| SnapshotterError::Remote {
                     image: image.image_ref.clone(),
                     message,
                 },
@@ -354,10 +354,10 @@ impl LazyMounter for BindMounter {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         self.unmounts.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
-            run_tool("umount", &[], &[mountpoint]).map_err(|message| AgentError::Remote {
+            run_tool("umount", &[], &[mountpoint]).map_err(|message| SnapshotterError::Remote {
                 image: image.image_ref.clone(),
                 message,
             })

@@ -1,6 +1,14 @@
 //! The containerd snapshotter: overlayfs snapshots for ordinary layers, lazily mounted
 //! Stoker images for images that have an artifact.
 //!
+//! Where it sits in the data path: registry → fetch → verify → cache → lazy
+//! filesystem (`stoker-lazyfs`) → **snapshotter** → container. containerd asks this
+//! crate for a layer's snapshot; for an image with a Stoker artifact it answers with
+//! the image's lazy mount instead of unpacking the layer. The crate knows nothing of
+//! registries or FUSE: the node agent (`stoker-agent`) plugs those in through two small
+//! traits, [`ImageResolver`] and [`LazyMounter`] (see [`remote`]), and serves
+//! [`service::SnapshotsService`] on containerd's proxy-plugin socket.
+//!
 //! [`Snapshotter`] implements the semantics of every call of containerd's snapshots API;
 //! [`service`] exposes it over gRPC. Layout under the snapshotter's root directory:
 //!
@@ -29,6 +37,7 @@
 //! already pulled in the same containerd namespace cannot be unpacked on top of them;
 //! Prepare then fails with `FailedPrecondition` naming the layer.
 
+mod error;
 pub mod filter;
 pub mod mounts;
 pub mod remote;
@@ -44,7 +53,7 @@ use std::time::Duration;
 use stoker_api::Mount;
 use tokio::sync::Mutex;
 
-use crate::AgentError;
+pub use error::SnapshotterError;
 use filter::Filter;
 pub use remote::{
     ImageResolver, LayerLabels, LazyImage, LazyMounter, NoArtifacts, NoLazyMounts, StokerArtifact,
@@ -102,14 +111,14 @@ impl Snapshotter {
         resolver: Arc<dyn ImageResolver>,
         mounter: Arc<dyn LazyMounter>,
         options: SnapshotterOptions,
-    ) -> Result<Snapshotter, AgentError> {
+    ) -> Result<Snapshotter, SnapshotterError> {
         for dir in [
             root.to_path_buf(),
             root.join("snapshots"),
             root.join("mounts"),
         ] {
             std::fs::create_dir_all(&dir)
-                .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))?;
+                .map_err(|e| SnapshotterError::io(format!("creating {}", dir.display()), e))?;
         }
         let store = SnapshotStore::open(&root.join("metadata.redb"))?;
         let snapshotter = Snapshotter {
@@ -134,20 +143,20 @@ impl Snapshotter {
     /// Creates an active (writable) snapshot `key` on `parent` and returns its mounts.
     ///
     /// With the CRI labels of an image that has a Stoker artifact, records the layer as
-    /// a remote snapshot instead and fails with [`AgentError::AlreadyExists`], which
+    /// a remote snapshot instead and fails with [`SnapshotterError::AlreadyExists`], which
     /// tells containerd to skip unpacking it.
     pub async fn prepare(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, AgentError> {
+    ) -> Result<Vec<Mount>, SnapshotterError> {
         if let Some(layer) = LayerLabels::from_labels(&labels)
             && let Some(artifact) = self.artifact_for(&layer).await
         {
             self.record_remote_layer(parent, labels, &layer, &artifact)
                 .await?;
-            return Err(AgentError::AlreadyExists(layer.target));
+            return Err(SnapshotterError::AlreadyExists(layer.target));
         }
         self.create(SnapshotKind::Active, key, parent, labels).await
     }
@@ -158,16 +167,16 @@ impl Snapshotter {
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, AgentError> {
+    ) -> Result<Vec<Mount>, SnapshotterError> {
         self.create(SnapshotKind::View, key, parent, labels).await
     }
 
     /// The mounts of the active snapshot or view `key`.
-    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, AgentError> {
+    pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, SnapshotterError> {
         let _guard = self.lock.lock().await;
         let record = self.store.require(key)?;
         if record.kind == SnapshotKind::Committed {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(SnapshotterError::FailedPrecondition(format!(
                 "snapshot {key:?} is committed; only active snapshots and views have mounts"
             )));
         }
@@ -180,7 +189,7 @@ impl Snapshotter {
         name: &str,
         key: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), SnapshotterError> {
         let record = self.store.require(key)?;
         let fs = self.fs_dir(record.id);
         let usage = if record.kind == SnapshotKind::Active && record.remote.is_none() {
@@ -196,7 +205,7 @@ impl Snapshotter {
 
     /// Removes `key` and its directory; unmounts its image if it was the image's last
     /// remote top layer. Fails with `FailedPrecondition` while it has children.
-    pub async fn remove(&self, key: &str) -> Result<(), AgentError> {
+    pub async fn remove(&self, key: &str) -> Result<(), SnapshotterError> {
         let _guard = self.lock.lock().await;
         let record = self.store.remove(key)?;
         match &record.remote {
@@ -225,7 +234,7 @@ impl Snapshotter {
     }
 
     /// The record of `key`.
-    pub async fn stat(&self, key: &str) -> Result<SnapshotRecord, AgentError> {
+    pub async fn stat(&self, key: &str) -> Result<SnapshotRecord, SnapshotterError> {
         self.store.require(key)
     }
 
@@ -238,7 +247,7 @@ impl Snapshotter {
         name: &str,
         labels: BTreeMap<String, String>,
         field_paths: &[String],
-    ) -> Result<SnapshotRecord, AgentError> {
+    ) -> Result<SnapshotRecord, SnapshotterError> {
         let _guard = self.lock.lock().await;
         let record = self.store.require(name)?;
         let mut updated = record.labels.clone();
@@ -258,7 +267,7 @@ impl Snapshotter {
                     }
                 }
             } else {
-                return Err(AgentError::InvalidArgument(format!(
+                return Err(SnapshotterError::InvalidArgument(format!(
                     "cannot update {path:?} field on snapshot {name:?}: only labels are mutable"
                 )));
             }
@@ -268,7 +277,7 @@ impl Snapshotter {
 
     /// Disk usage of `key`: measured now for active snapshots, at commit time for
     /// committed ones; zero for views and remote layers (their data is in the cache).
-    pub async fn usage(&self, key: &str) -> Result<DiskUsage, AgentError> {
+    pub async fn usage(&self, key: &str) -> Result<DiskUsage, SnapshotterError> {
         let record = self.store.require(key)?;
         match record.kind {
             SnapshotKind::Active => {
@@ -284,7 +293,7 @@ impl Snapshotter {
     }
 
     /// Every record matching any of `filters` (all records when there are none).
-    pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotRecord>, AgentError> {
+    pub async fn list(&self, filters: &[String]) -> Result<Vec<SnapshotRecord>, SnapshotterError> {
         let filters = filters
             .iter()
             .map(|text| Filter::parse(text))
@@ -299,7 +308,7 @@ impl Snapshotter {
 
     /// Removes snapshot directories no record refers to, and lazy mounts no remote
     /// top layer refers to.
-    pub async fn cleanup(&self) -> Result<(), AgentError> {
+    pub async fn cleanup(&self) -> Result<(), SnapshotterError> {
         let _guard = self.lock.lock().await;
         let records = self.store.list()?;
         let ids: HashSet<String> = records.iter().map(|r| r.id.to_string()).collect();
@@ -327,7 +336,7 @@ impl Snapshotter {
     }
 
     /// The images currently mounted lazily, with how many snapshots use each.
-    pub async fn mounted_images(&self) -> Result<Vec<MountedImage>, AgentError> {
+    pub async fn mounted_images(&self) -> Result<Vec<MountedImage>, SnapshotterError> {
         let records = self.store.list()?;
         let mut images: Vec<MountedImage> = Vec::new();
         for record in &records {
@@ -375,7 +384,7 @@ impl Snapshotter {
         );
         let answer = match tokio::time::timeout(self.resolve_timeout, lookup).await {
             Ok(answer) => answer,
-            Err(_) => Err(AgentError::Remote {
+            Err(_) => Err(SnapshotterError::Remote {
                 image: layer.image_ref.clone(),
                 message: format!(
                     "artifact lookup took longer than {:?}",
@@ -412,7 +421,7 @@ impl Snapshotter {
         mut labels: BTreeMap<String, String>,
         layer: &LayerLabels,
         artifact: &StokerArtifact,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), SnapshotterError> {
         let _guard = self.lock.lock().await;
         if self.store.get(&layer.target)?.is_some() {
             return Ok(());
@@ -453,7 +462,7 @@ impl Snapshotter {
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<Vec<Mount>, AgentError> {
+    ) -> Result<Vec<Mount>, SnapshotterError> {
         let _guard = self.lock.lock().await;
         let record = self.store.create(NewSnapshot {
             name: key.to_string(),
@@ -489,7 +498,7 @@ impl Snapshotter {
     async fn make_dirs_and_mounts(
         &self,
         record: &SnapshotRecord,
-    ) -> Result<(Vec<Mount>, Option<LazyImage>), AgentError> {
+    ) -> Result<(Vec<Mount>, Option<LazyImage>), SnapshotterError> {
         let fs = self.fs_dir(record.id);
         create_dir(&fs)?;
         if record.kind == SnapshotKind::Active {
@@ -505,7 +514,7 @@ impl Snapshotter {
     }
 
     /// The mounts of an active snapshot or view, mounting its lazy image if needed.
-    async fn mounts_of(&self, record: &SnapshotRecord) -> Result<Vec<Mount>, AgentError> {
+    async fn mounts_of(&self, record: &SnapshotRecord) -> Result<Vec<Mount>, SnapshotterError> {
         let (lowers, lazy) = self.lower_dirs(record)?;
         self.mounts_over(record, &lowers, lazy.as_ref()).await
     }
@@ -516,7 +525,7 @@ impl Snapshotter {
         record: &SnapshotRecord,
         lowers: &[PathBuf],
         lazy: Option<&LazyImage>,
-    ) -> Result<Vec<Mount>, AgentError> {
+    ) -> Result<Vec<Mount>, SnapshotterError> {
         if let Some(image) = lazy {
             self.ensure_mounted(image).await?;
         }
@@ -534,7 +543,7 @@ impl Snapshotter {
     fn lower_dirs(
         &self,
         record: &SnapshotRecord,
-    ) -> Result<(Vec<PathBuf>, Option<LazyImage>), AgentError> {
+    ) -> Result<(Vec<PathBuf>, Option<LazyImage>), SnapshotterError> {
         let mut lowers = Vec::new();
         for ancestor in self.store.ancestors(record)? {
             match &ancestor.remote {
@@ -544,7 +553,7 @@ impl Snapshotter {
                     return Ok((lowers, Some(lazy_image(remote))));
                 }
                 Some(remote) => {
-                    return Err(AgentError::FailedPrecondition(format!(
+                    return Err(SnapshotterError::FailedPrecondition(format!(
                         "snapshot {:?} is layer {} of the lazily loaded image {} and has no \
                          content of its own; only the image's top layer can be built on",
                         ancestor.name, remote.layer_digest, remote.image_ref
@@ -558,7 +567,7 @@ impl Snapshotter {
     /// Mounts `image` at its mountpoint unless a live mount is already there. A mount
     /// kept across an agent restart is resumed; a dead one (e.g. a FUSE mount whose
     /// process died) is detached first.
-    async fn ensure_mounted(&self, image: &LazyImage) -> Result<(), AgentError> {
+    async fn ensure_mounted(&self, image: &LazyImage) -> Result<(), SnapshotterError> {
         let mountpoint = self.mountpoint(&image.index_digest);
         if mounts::is_mountpoint(&mountpoint) {
             if self.mounter.can_resume(&mountpoint) {
@@ -657,47 +666,51 @@ fn mount_dir_name(index_digest: &str) -> String {
 
 /// Unmounts whatever is still mounted at `mountpoint` (lazily) and removes the
 /// directory.
-fn release_mountpoint(mountpoint: &Path) -> Result<(), AgentError> {
+fn release_mountpoint(mountpoint: &Path) -> Result<(), SnapshotterError> {
     if mounts::is_mountpoint(mountpoint) {
         mounts::detach_mount(mountpoint)?;
     }
     match std::fs::remove_dir(mountpoint) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::io(
+        Err(e) => Err(SnapshotterError::io(
             format!("removing {}", mountpoint.display()),
             e,
         )),
     }
 }
 
-fn create_dir(dir: &Path) -> Result<(), AgentError> {
+fn create_dir(dir: &Path) -> Result<(), SnapshotterError> {
     std::fs::create_dir_all(dir)
-        .map_err(|e| AgentError::io(format!("creating {}", dir.display()), e))
+        .map_err(|e| SnapshotterError::io(format!("creating {}", dir.display()), e))
 }
 
-fn remove_tree(dir: &Path) -> Result<(), AgentError> {
+fn remove_tree(dir: &Path) -> Result<(), SnapshotterError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::io(format!("removing {}", dir.display()), e)),
+        Err(e) => Err(SnapshotterError::io(
+            format!("removing {}", dir.display()),
+            e,
+        )),
     }
 }
 
-fn chown_like(dir: &Path, reference: &Path) -> Result<(), AgentError> {
+fn chown_like(dir: &Path, reference: &Path) -> Result<(), SnapshotterError> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(reference)
-        .map_err(|e| AgentError::io(format!("stat {}", reference.display()), e))?;
+        .map_err(|e| SnapshotterError::io(format!("stat {}", reference.display()), e))?;
     std::os::unix::fs::lchown(dir, Some(meta.uid()), Some(meta.gid()))
-        .map_err(|e| AgentError::io(format!("chown {}", dir.display()), e))
+        .map_err(|e| SnapshotterError::io(format!("chown {}", dir.display()), e))
 }
 
-fn dir_names(dir: &Path) -> Result<Vec<String>, AgentError> {
+fn dir_names(dir: &Path) -> Result<Vec<String>, SnapshotterError> {
     let entries = std::fs::read_dir(dir)
-        .map_err(|e| AgentError::io(format!("reading {}", dir.display()), e))?;
+        .map_err(|e| SnapshotterError::io(format!("reading {}", dir.display()), e))?;
     let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| AgentError::io(format!("reading {}", dir.display()), e))?;
+        let entry =
+            entry.map_err(|e| SnapshotterError::io(format!("reading {}", dir.display()), e))?;
         names.push(entry.file_name().to_string_lossy().into_owned());
     }
     Ok(names)
@@ -705,10 +718,10 @@ fn dir_names(dir: &Path) -> Result<Vec<String>, AgentError> {
 
 /// Runs filesystem work off the async threads.
 async fn run_blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
-) -> Result<T, AgentError> {
+    work: impl FnOnce() -> Result<T, SnapshotterError> + Send + 'static,
+) -> Result<T, SnapshotterError> {
     tokio::task::spawn_blocking(work).await.map_err(|e| {
-        AgentError::io(
+        SnapshotterError::io(
             "waiting for a filesystem task",
             std::io::Error::other(e.to_string()),
         )

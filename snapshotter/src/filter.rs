@@ -8,8 +8,8 @@
 //! `labels."containerd.io/snapshot.ref"==sha256:…,parent=="…"`.
 //! Regular-expression matches (`~=`) are refused with a clear error.
 
-use super::store::SnapshotRecord;
-use crate::AgentError;
+use crate::SnapshotterError;
+use crate::store::SnapshotRecord;
 
 /// One parsed filter: all clauses must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +40,9 @@ enum Test {
 
 impl Filter {
     /// Parses one filter string.
-    pub fn parse(text: &str) -> Result<Filter, AgentError> {
-        let invalid = |why: &str| AgentError::InvalidArgument(format!("filter {text:?}: {why}"));
+    pub fn parse(text: &str) -> Result<Filter, SnapshotterError> {
+        let invalid =
+            |why: &str| SnapshotterError::InvalidArgument(format!("filter {text:?}: {why}"));
         let mut clauses = Vec::new();
         for raw in split_unquoted(text, ',').map_err(|why| invalid(&why))? {
             let raw = raw.trim();
@@ -167,8 +168,8 @@ fn unquote(text: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::store::SnapshotKind;
     use super::*;
+    use crate::store::SnapshotKind;
     use std::collections::BTreeMap;
 
     fn record(name: &str, parent: &str, labels: &[(&str, &str)]) -> SnapshotRecord {
@@ -219,15 +220,15 @@ mod tests {
         );
         assert!(matches!(
             Filter::parse("name~=abc"),
-            Err(AgentError::InvalidArgument(_))
+            Err(SnapshotterError::InvalidArgument(_))
         ));
         assert!(matches!(
             Filter::parse("size==3"),
-            Err(AgentError::InvalidArgument(_))
+            Err(SnapshotterError::InvalidArgument(_))
         ));
         assert!(matches!(
             Filter::parse(r#"name=="abc"#),
-            Err(AgentError::InvalidArgument(_))
+            Err(SnapshotterError::InvalidArgument(_))
         ));
     }
 

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use stoker_api::Mount;
 
-use super::store::SnapshotKind;
-use crate::AgentError;
+use crate::SnapshotterError;
+use crate::store::SnapshotKind;
 
 /// The mounts for a snapshot whose own directories are `fs` and `work` and whose
 /// lower layers are `lowers`, nearest first.
@@ -99,16 +99,19 @@ pub fn answers_statfs(path: &Path) -> bool {
 
 /// Lazily unmounts `path` (`umount2(MNT_DETACH)`): it disappears from the namespace
 /// now, and is released once the last user (e.g. a running overlay) lets go.
-pub fn detach_mount(path: &Path) -> Result<(), AgentError> {
+pub fn detach_mount(path: &Path) -> Result<(), SnapshotterError> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
-        AgentError::InvalidArgument(format!("mount path {} contains a NUL byte", path.display()))
+        SnapshotterError::InvalidArgument(format!(
+            "mount path {} contains a NUL byte",
+            path.display()
+        ))
     })?;
     // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call;
     // umount2 does not keep the pointer.
     let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
     if rc != 0 {
-        return Err(AgentError::io(
+        return Err(SnapshotterError::io(
             format!("unmounting {}", path.display()),
             std::io::Error::last_os_error(),
         ));

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::AgentError;
+use crate::SnapshotterError;
 
 /// Bytes allocated and number of distinct inodes under a directory (itself included).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -17,9 +17,9 @@ pub struct DiskUsage {
 }
 
 /// Walks `root` and adds up each distinct inode's allocated bytes.
-pub fn disk_usage(root: &Path) -> Result<DiskUsage, AgentError> {
+pub fn disk_usage(root: &Path) -> Result<DiskUsage, SnapshotterError> {
     let root_meta = std::fs::symlink_metadata(root)
-        .map_err(|e| AgentError::io(format!("stat {}", root.display()), e))?;
+        .map_err(|e| SnapshotterError::io(format!("stat {}", root.display()), e))?;
     let device = root_meta.dev();
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut usage = DiskUsage::default();
@@ -33,13 +33,13 @@ pub fn disk_usage(root: &Path) -> Result<DiskUsage, AgentError> {
             continue;
         }
         let entries = std::fs::read_dir(&path)
-            .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+            .map_err(|e| SnapshotterError::io(format!("reading {}", path.display()), e))?;
         for entry in entries {
-            let entry =
-                entry.map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+            let entry = entry
+                .map_err(|e| SnapshotterError::io(format!("reading {}", path.display()), e))?;
             let child = entry.path();
             let child_meta = std::fs::symlink_metadata(&child)
-                .map_err(|e| AgentError::io(format!("stat {}", child.display()), e))?;
+                .map_err(|e| SnapshotterError::io(format!("stat {}", child.display()), e))?;
             pending.push((child, child_meta));
         }
     }

@@ -1,7 +1,7 @@
 //! The remote-snapshot hook: how the snapshotter learns that an image has a Stoker
 //! artifact, and how it gets the image's lazy filesystem mounted.
 //!
-//! Two small traits are injected into [`Snapshotter`](super::Snapshotter):
+//! Two small traits are injected into [`Snapshotter`](crate::Snapshotter):
 //! - [`ImageResolver`]: "does this image (ref + manifest digest) have a Stoker
 //!   artifact?" — the real one looks up the registry's referrers, then the fallback tag;
 //! - [`LazyMounter`]: "mount this image's lazy filesystem here" / "unmount it".
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
-use crate::AgentError;
+use crate::SnapshotterError;
 
 /// containerd sets this on every layer it unpacks: the chain ID the committed layer
 /// will be named by.
@@ -64,7 +64,7 @@ pub trait ImageResolver: Send + Sync {
         &'a self,
         image_ref: &'a str,
         manifest_digest: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>>;
+    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>>;
 }
 
 /// Mounts and unmounts the lazy filesystem of an image.
@@ -76,7 +76,7 @@ pub trait LazyMounter: Send + Sync {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>>;
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>>;
 
     /// Unmounts what [`mount`](Self::mount) mounted at `mountpoint` and releases its
     /// resources. Called when no snapshot uses the image any more. If the mountpoint is
@@ -85,7 +85,7 @@ pub trait LazyMounter: Send + Sync {
         &'a self,
         image: &'a LazyImage,
         mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>>;
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>>;
 
     /// True when a mount at `mountpoint` survived a restart of the agent and
     /// [`mount`](Self::mount) will resume serving it rather than mount anew. The
@@ -111,7 +111,7 @@ impl ImageResolver for NoArtifacts {
         &'a self,
         _image_ref: &'a str,
         _manifest_digest: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>> {
+    ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
         Box::pin(async { Ok(None) })
     }
 }
@@ -125,9 +125,9 @@ impl LazyMounter for NoLazyMounts {
         &'a self,
         image: &'a LazyImage,
         _mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         Box::pin(async move {
-            Err(AgentError::Remote {
+            Err(SnapshotterError::Remote {
                 image: image.image_ref.clone(),
                 message: "this agent has no lazy filesystem to mount images with".into(),
             })
@@ -138,7 +138,7 @@ impl LazyMounter for NoLazyMounts {
         &'a self,
         _image: &'a LazyImage,
         _mountpoint: &'a Path,
-    ) -> BoxFuture<'a, Result<(), AgentError>> {
+    ) -> BoxFuture<'a, Result<(), SnapshotterError>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -189,7 +189,7 @@ impl ResolverCache {
         resolver: &dyn ImageResolver,
         image_ref: &str,
         manifest_digest: &str,
-    ) -> Result<Option<StokerArtifact>, AgentError> {
+    ) -> Result<Option<StokerArtifact>, SnapshotterError> {
         if let Some(answer) = self.cached(manifest_digest) {
             return Ok(answer);
         }
@@ -225,7 +225,7 @@ mod tests {
             &'a self,
             image_ref: &'a str,
             _manifest_digest: &'a str,
-        ) -> BoxFuture<'a, Result<Option<StokerArtifact>, AgentError>> {
+        ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
             let found = image_ref.contains("lazy");
             Box::pin(async move {

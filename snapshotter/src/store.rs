@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+use crate::SnapshotterError;
 
 /// name → JSON-encoded [`SnapshotRecord`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -110,7 +110,7 @@ pub struct SnapshotStore {
 impl SnapshotStore {
     /// Opens (or creates) the database at `path`. While another process has it open
     /// (a previous agent still exiting) it waits, up to [`LOCKED_WAIT`].
-    pub fn open(path: &Path) -> Result<SnapshotStore, AgentError> {
+    pub fn open(path: &Path) -> Result<SnapshotStore, SnapshotterError> {
         let locked_since = std::time::Instant::now();
         let db = loop {
             match Database::create(path) {
@@ -133,21 +133,21 @@ impl SnapshotStore {
     }
 
     /// The record named `name`, if any.
-    pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, AgentError> {
+    pub fn get(&self, name: &str) -> Result<Option<SnapshotRecord>, SnapshotterError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.error(e))?;
         let value = table.get(name).map_err(|e| self.error(e))?;
         value.map(|v| decode(name, v.value())).transpose()
     }
 
-    /// The record named `name`, or [`AgentError::NotFound`].
-    pub fn require(&self, name: &str) -> Result<SnapshotRecord, AgentError> {
+    /// The record named `name`, or [`SnapshotterError::NotFound`].
+    pub fn require(&self, name: &str) -> Result<SnapshotRecord, SnapshotterError> {
         self.get(name)?
-            .ok_or_else(|| AgentError::NotFound(name.to_string()))
+            .ok_or_else(|| SnapshotterError::NotFound(name.to_string()))
     }
 
     /// Every record, ordered by name.
-    pub fn list(&self) -> Result<Vec<SnapshotRecord>, AgentError> {
+    pub fn list(&self) -> Result<Vec<SnapshotRecord>, SnapshotterError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         let table = txn.open_table(SNAPSHOTS).map_err(|e| self.error(e))?;
         let mut records = Vec::new();
@@ -159,12 +159,15 @@ impl SnapshotStore {
     }
 
     /// The parent chain of `record`, nearest parent first.
-    pub fn ancestors(&self, record: &SnapshotRecord) -> Result<Vec<SnapshotRecord>, AgentError> {
+    pub fn ancestors(
+        &self,
+        record: &SnapshotRecord,
+    ) -> Result<Vec<SnapshotRecord>, SnapshotterError> {
         let mut chain = Vec::new();
         let mut parent = record.parent.clone();
         while !parent.is_empty() {
             let next = self.get(&parent)?.ok_or_else(|| {
-                AgentError::FailedPrecondition(format!(
+                SnapshotterError::FailedPrecondition(format!(
                     "snapshot {:?} has a missing ancestor {parent:?}",
                     record.name
                 ))
@@ -177,18 +180,18 @@ impl SnapshotStore {
 
     /// Creates a record. Fails with `AlreadyExists` if the name is taken, `NotFound` if
     /// the parent is missing and `InvalidArgument` if the parent is not committed.
-    pub fn create(&self, new: NewSnapshot) -> Result<SnapshotRecord, AgentError> {
+    pub fn create(&self, new: NewSnapshot) -> Result<SnapshotRecord, SnapshotterError> {
         self.write(|snapshots, counters| {
             if snapshots.get(new.name.as_str())?.is_some() {
-                return Err(AgentError::AlreadyExists(new.name.clone()).into());
+                return Err(SnapshotterError::AlreadyExists(new.name.clone()).into());
             }
             if !new.parent.is_empty() {
                 let parent = match snapshots.get(new.parent.as_str())? {
                     Some(value) => decode(&new.parent, value.value())?,
-                    None => return Err(AgentError::NotFound(new.parent.clone()).into()),
+                    None => return Err(SnapshotterError::NotFound(new.parent.clone()).into()),
                 };
                 if parent.kind != SnapshotKind::Committed {
-                    return Err(AgentError::InvalidArgument(format!(
+                    return Err(SnapshotterError::InvalidArgument(format!(
                         "parent {:?} is not a committed snapshot",
                         new.parent
                     ))
@@ -223,21 +226,21 @@ impl SnapshotStore {
         name: &str,
         labels: BTreeMap<String, String>,
         usage: (u64, u64),
-    ) -> Result<SnapshotRecord, AgentError> {
+    ) -> Result<SnapshotRecord, SnapshotterError> {
         self.write(|snapshots, _| {
             let active = match snapshots.get(key)? {
                 Some(value) => decode(key, value.value())?,
-                None => return Err(AgentError::NotFound(key.to_string()).into()),
+                None => return Err(SnapshotterError::NotFound(key.to_string()).into()),
             };
             if active.kind != SnapshotKind::Active {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(SnapshotterError::FailedPrecondition(format!(
                     "snapshot {key:?} is {}, only active snapshots can be committed",
                     active.kind.as_str()
                 ))
                 .into());
             }
             if snapshots.get(name)?.is_some() {
-                return Err(AgentError::AlreadyExists(name.to_string()).into());
+                return Err(SnapshotterError::AlreadyExists(name.to_string()).into());
             }
             snapshots.remove(key)?;
             let now = now_nanos();
@@ -257,17 +260,17 @@ impl SnapshotStore {
     }
 
     /// Deletes the record `name`. Fails with `FailedPrecondition` while it has children.
-    pub fn remove(&self, name: &str) -> Result<SnapshotRecord, AgentError> {
+    pub fn remove(&self, name: &str) -> Result<SnapshotRecord, SnapshotterError> {
         self.write(|snapshots, _| {
             let record = match snapshots.get(name)? {
                 Some(value) => decode(name, value.value())?,
-                None => return Err(AgentError::NotFound(name.to_string()).into()),
+                None => return Err(SnapshotterError::NotFound(name.to_string()).into()),
             };
             for entry in snapshots.iter()? {
                 let (child_name, value) = entry?;
                 let child = decode(child_name.value(), value.value())?;
                 if child.parent == name {
-                    return Err(AgentError::FailedPrecondition(format!(
+                    return Err(SnapshotterError::FailedPrecondition(format!(
                         "cannot remove snapshot {name:?}: snapshot {:?} is its child",
                         child.name
                     ))
@@ -284,11 +287,11 @@ impl SnapshotStore {
         &self,
         name: &str,
         labels: BTreeMap<String, String>,
-    ) -> Result<SnapshotRecord, AgentError> {
+    ) -> Result<SnapshotRecord, SnapshotterError> {
         self.write(|snapshots, _| {
             let mut record = match snapshots.get(name)? {
                 Some(value) => decode(name, value.value())?,
-                None => return Err(AgentError::NotFound(name.to_string()).into()),
+                None => return Err(SnapshotterError::NotFound(name.to_string()).into()),
             };
             record.labels = labels;
             record.updated_unix_nanos = now_nanos();
@@ -301,7 +304,7 @@ impl SnapshotStore {
     fn write<T>(
         &self,
         f: impl FnOnce(&mut redb::Table<&str, &[u8]>, &mut redb::Table<&str, u64>) -> Result<T, TxError>,
-    ) -> Result<T, AgentError> {
+    ) -> Result<T, SnapshotterError> {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         let result = {
             let mut snapshots = txn.open_table(SNAPSHOTS).map_err(|e| self.error(e))?;
@@ -318,19 +321,19 @@ impl SnapshotStore {
         }
     }
 
-    fn error(&self, error: impl Into<redb::Error>) -> AgentError {
+    fn error(&self, error: impl Into<redb::Error>) -> SnapshotterError {
         store_error(&self.path, error)
     }
 }
 
 /// Errors inside a write transaction: either a rule was broken or redb failed.
 enum TxError {
-    Agent(AgentError),
+    Agent(SnapshotterError),
     Storage(redb::StorageError),
 }
 
-impl From<AgentError> for TxError {
-    fn from(error: AgentError) -> Self {
+impl From<SnapshotterError> for TxError {
+    fn from(error: SnapshotterError) -> Self {
         TxError::Agent(error)
     }
 }
@@ -342,7 +345,7 @@ impl From<redb::StorageError> for TxError {
 }
 
 fn put(table: &mut redb::Table<&str, &[u8]>, record: &SnapshotRecord) -> Result<(), TxError> {
-    let bytes = serde_json::to_vec(record).map_err(|source| AgentError::CorruptRecord {
+    let bytes = serde_json::to_vec(record).map_err(|source| SnapshotterError::CorruptRecord {
         name: record.name.clone(),
         source,
     })?;
@@ -350,15 +353,15 @@ fn put(table: &mut redb::Table<&str, &[u8]>, record: &SnapshotRecord) -> Result<
     Ok(())
 }
 
-fn decode(name: &str, bytes: &[u8]) -> Result<SnapshotRecord, AgentError> {
-    serde_json::from_slice(bytes).map_err(|source| AgentError::CorruptRecord {
+fn decode(name: &str, bytes: &[u8]) -> Result<SnapshotRecord, SnapshotterError> {
+    serde_json::from_slice(bytes).map_err(|source| SnapshotterError::CorruptRecord {
         name: name.to_string(),
         source,
     })
 }
 
-fn store_error(path: &Path, error: impl Into<redb::Error>) -> AgentError {
-    AgentError::Store {
+fn store_error(path: &Path, error: impl Into<redb::Error>) -> SnapshotterError {
+    SnapshotterError::Store {
         path: path.to_path_buf(),
         source: Box::new(error.into()),
     }
@@ -395,15 +398,15 @@ mod tests {
             let a = store.create(new("a", "", SnapshotKind::Active)).expect("a");
             assert!(matches!(
                 store.create(new("a", "", SnapshotKind::Active)),
-                Err(AgentError::AlreadyExists(_))
+                Err(SnapshotterError::AlreadyExists(_))
             ));
             assert!(matches!(
                 store.create(new("b", "a", SnapshotKind::Active)),
-                Err(AgentError::InvalidArgument(_))
+                Err(SnapshotterError::InvalidArgument(_))
             ));
             assert!(matches!(
                 store.create(new("b", "missing", SnapshotKind::Active)),
-                Err(AgentError::NotFound(_))
+                Err(SnapshotterError::NotFound(_))
             ));
             let c = store
                 .commit("a", "layer1", BTreeMap::new(), (10, 2))
@@ -416,11 +419,11 @@ mod tests {
                 .expect("view");
             assert!(matches!(
                 store.commit("view", "x", BTreeMap::new(), (0, 0)),
-                Err(AgentError::FailedPrecondition(_))
+                Err(SnapshotterError::FailedPrecondition(_))
             ));
             assert!(matches!(
                 store.remove("layer1"),
-                Err(AgentError::FailedPrecondition(_))
+                Err(SnapshotterError::FailedPrecondition(_))
             ));
             assert_eq!(
                 store.ancestors(&v).expect("ancestors")[0].name,

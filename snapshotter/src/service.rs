@@ -17,7 +17,7 @@ use stoker_api::snapshots::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{SnapshotKind, SnapshotRecord, Snapshotter};
+use crate::{SnapshotKind, SnapshotRecord, Snapshotter};
 
 /// How many infos one List response message carries.
 const LIST_BATCH: usize = 100;
@@ -214,7 +214,7 @@ fn sorted(labels: HashMap<String, String>) -> BTreeMap<String, String> {
 
 /// Expected answers (AlreadyExists for remote layers, NotFound on probes) are logged
 /// at debug level; everything else as a warning.
-fn log_error(call: &str, key: &str, error: crate::AgentError) -> Status {
+fn log_error(call: &str, key: &str, error: crate::SnapshotterError) -> Status {
     let status = Status::from(error);
     match status.code() {
         tonic::Code::AlreadyExists | tonic::Code::NotFound => {
