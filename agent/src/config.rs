@@ -470,6 +470,16 @@ impl Config {
         self.state_dir.join("traces")
     }
 
+    /// Where lazy mounts keep the state a restarted agent needs and a reboot
+    /// must not keep (their open-state files): `open-state/` next to the
+    /// snapshotter socket, so on the tmpfs `/run/stoker` by default.
+    pub fn open_state_dir(&self) -> PathBuf {
+        self.snapshotter_socket
+            .parent()
+            .unwrap_or(Path::new("/run/stoker"))
+            .join("open-state")
+    }
+
     /// Trace recording limits.
     pub fn trace_options(&self) -> crate::trace::TraceOptions {
         crate::trace::TraceOptions {

@@ -15,7 +15,11 @@
 //! [supervisor](crate::supervisor)), every mount's `/dev/fuse` descriptor is handed
 //! to the keeper, and a mount the keeper held across a restart of the agent is
 //! resumed ([`stoker_lazyfs::resume`]) instead of mounted again, so the containers
-//! using it never see an error.
+//! using it never see an error. With an open-state directory
+//! ([`RegistryLazyMounter::with_open_state_dir`], on a tmpfs), each mount keeps
+//! there how its open files were opened (`<dir>/<mountpoint's name>`, see
+//! [`stoker_lazyfs::MountOptions::open_state`]), so that a resumed mount opens
+//! files still open in their mode and keeps using passthrough.
 //!
 //! The mounted images are kept by mountpoint; [`RegistryLazyMounter::mounted`] gives
 //! their index, fetcher and mount handle to the trace recorder and the prefetch
@@ -74,6 +78,9 @@ pub struct RegistryLazyMounter {
     keeper: Option<Arc<KeeperClient>>,
     /// Mounts still alive from before a restart, not resumed yet, by mountpoint.
     resumable: Mutex<HashMap<PathBuf, OwnedFd>>,
+    /// Where each mount keeps its open-state file; `None`: nowhere, and a
+    /// resumed mount does not use passthrough.
+    open_state_dir: Option<PathBuf>,
 }
 
 impl RegistryLazyMounter {
@@ -93,7 +100,22 @@ impl RegistryLazyMounter {
             mounted: Mutex::new(HashMap::new()),
             keeper: None,
             resumable: Mutex::new(HashMap::new()),
+            open_state_dir: None,
         }
+    }
+
+    /// Keeps each mount's open-state file in `dir` (a tmpfs: the agent's runtime
+    /// directory), so that a mount resumed after a restart keeps using passthrough.
+    pub fn with_open_state_dir(mut self, dir: PathBuf) -> RegistryLazyMounter {
+        self.open_state_dir = Some(dir);
+        self
+    }
+
+    /// The open-state file of the mount at `mountpoint`. Mountpoints are one
+    /// directory per image index, so their names are unique.
+    fn open_state_file(&self, mountpoint: &Path) -> Option<PathBuf> {
+        let name = mountpoint.file_name()?;
+        Some(self.open_state_dir.as_ref()?.join(name))
     }
 
     /// Hands every mount's FUSE descriptor to `keeper`, and resumes the mounts in
@@ -120,6 +142,9 @@ impl RegistryLazyMounter {
         for mountpoint in unresumed {
             tracing::warn!(mountpoint = %mountpoint.display(), "a mount kept across the restart has no image on record; releasing it");
             self.forget_kept(&mountpoint);
+            if let Some(path) = self.open_state_file(&mountpoint) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 
@@ -231,7 +256,11 @@ impl RegistryLazyMounter {
         let kept = lock(&self.resumable).remove(mountpoint);
         let resuming = kept.is_some();
         let (mount_index, mount_fetcher) = (Arc::clone(&index), fetcher.clone());
-        let (target, options) = (mountpoint.to_path_buf(), self.mount_options.clone());
+        let options = MountOptions {
+            open_state: self.open_state_file(mountpoint),
+            ..self.mount_options.clone()
+        };
+        let target = mountpoint.to_path_buf();
         let handle = tokio::task::spawn_blocking(move || match kept {
             Some(fuse_device) => {
                 stoker_lazyfs::resume(mount_index, mount_fetcher, &target, fuse_device, options)

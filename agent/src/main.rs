@@ -128,7 +128,8 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
             ..stoker_lazyfs::MountOptions::default()
         },
     )
-    .with_index_dir(config.state_dir.join("indexes"));
+    .with_index_dir(config.state_dir.join("indexes"))
+    .with_open_state_dir(config.open_state_dir());
     if let Some(socket) = keeper_socket {
         match KeeperClient::connect(socket) {
             Ok((keeper, kept)) => {

@@ -2,6 +2,10 @@
 //! - the agent's worker process killed with SIGKILL: its supervisor keeps the lazy
 //!   mount's FUSE connection open and the next worker resumes it, so the container
 //!   sees no error at all;
+//! - the same, while a container holds files open that the killed worker opened
+//!   with FUSE passthrough: new processes and containers of the image can still
+//!   open them (the kernel accepts only opens in the same mode and with the same
+//!   backing file, which the new worker learns from the mount's open-state file);
 //! - the whole agent (supervisor and worker) killed, as when its pod is deleted:
 //!   the container must never read wrong bytes; what it sees is printed, not
 //!   asserted (its reads fail with ENOTCONN: the FUSE connection died with every
@@ -291,4 +295,144 @@ fn a_container_reading_in_a_loop_sees_no_error_while_containerd_restarts() {
     assert!(oks > 0, "the reader kept reading");
     eprintln!("running container across a containerd restart: {oks} correct reads, no error");
     report_recovery("containerd restarted, new container reads", recovered);
+}
+
+/// Opens `/data/one` on descriptor 3 and keeps it open, with `/bin/cat` running,
+/// until killed (opening the image's fifo for reading blocks for good).
+const HOLD_OPEN: &str = "exec 3</data/one; echo held >/out/held; exec cat /data/fifo";
+
+/// The open-state record of the file at `path` on a lazy mount (see
+/// stoker-lazyfs `open_state.rs`: 16 bytes per inode id, the id being the inode
+/// number - 1; cached opens, passthrough opens, backing id, little-endian).
+fn open_state_record(state_file: &Path, path: &Path) -> [u32; 3] {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path)
+        .expect("stat on the lazy mount")
+        .ino();
+    let bytes = std::fs::read(state_file).expect("read the open-state file");
+    let at = ((ino - 1) * 16) as usize;
+    let word = |i: usize| {
+        bytes
+            .get(at + 4 * i..at + 4 * i + 4)
+            .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    [word(0), word(1), word(2)]
+}
+
+#[test]
+fn files_held_open_with_passthrough_across_a_worker_restart_can_be_opened_again() {
+    let test = "files_held_open_with_passthrough_across_a_worker_restart_can_be_opened_again";
+    if !containerd_tests_can_run(test) {
+        return;
+    }
+    // The reader has read /data/one (and run /bin/cat) many times: their chunks
+    // are cached, so new opens of them pass through.
+    let env = Env::start("holdopen");
+    let out = env.log.parent().expect("out dir").to_path_buf();
+    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    let holder = format!("holdopen-holder-{}", std::process::id());
+    env.containerd
+        .ctr(
+            CRI_NAMESPACE,
+            &[
+                "run",
+                "-d",
+                "--snapshotter",
+                "stoker",
+                "--net-host",
+                "--mount",
+                &bind,
+                &env.image,
+                &holder,
+                "sh",
+                "-c",
+                HOLD_OPEN,
+            ],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "start the holder: {e}\nagent log:\n{}",
+                env.agent.log_text()
+            )
+        });
+    let remove_holder = || {
+        for args in [
+            &["task", "kill", "-s", "SIGKILL", &holder][..],
+            &["task", "delete", "--force", &holder][..],
+            &["container", "delete", &holder][..],
+        ] {
+            let _ = env.containerd.ctr(CRI_NAMESPACE, args);
+        }
+    };
+    assert!(
+        wait_until(DEADLINE, POLL, || out.join("held").exists()),
+        "the holder did not open /data/one"
+    );
+
+    // The worker answered the holder's open with passthrough.
+    let state_dir = env
+        .agent
+        .socket
+        .parent()
+        .expect("socket dir")
+        .join("open-state");
+    let names: Vec<_> = std::fs::read_dir(&state_dir)
+        .expect("the agent keeps open-state files")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        1,
+        "one lazy mount, one open-state file: {names:?}"
+    );
+    let state_file = state_dir.join(&names[0]);
+    let mountpoint = env
+        .agent
+        .state_dir
+        .join("snapshotter/mounts")
+        .join(&names[0]);
+    let [cached, passthrough, backing] =
+        open_state_record(&state_file, &mountpoint.join("data/one"));
+    assert!(
+        cached == 0 && passthrough >= 1 && backing != 0,
+        "/data/one is held open with passthrough: cached {cached}, passthrough {passthrough}, backing id {backing}"
+    );
+
+    let before_kill = log_lines(&env.log).len();
+    let killed_worker = env.agent.kill9_worker();
+    assert!(
+        wait_until(DEADLINE, POLL, || env
+            .agent
+            .worker_pid()
+            .is_some_and(|pid| pid != killed_worker)),
+        "the supervisor did not start a new worker; log:\n{}",
+        env.agent.log_text()
+    );
+    env.containerd
+        .wait_for_snapshotter(DEADLINE)
+        .expect("containerd reaches the new worker");
+    assert!(
+        env.agent
+            .log_text()
+            .contains("resumed the FUSE connection of a mount"),
+        "the new worker did not resume the kept mount; log:\n{}",
+        env.agent.log_text()
+    );
+    // A new container runs /bin/sh and /bin/cat and reads /data/one, all still
+    // open in the holder (and the reader) with the killed worker's passthrough.
+    env.new_container_reads("after-restart-with-held-files");
+    // New processes in the running reader exec /bin/cat and open /data/one too.
+    let after = env.finish_reader(before_kill);
+    remove_holder();
+    let (oks, errors) = summary(&after);
+    assert!(
+        errors.is_empty(),
+        "the running container saw {} errors across the worker restart, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(oks >= 20, "the reader kept reading: {oks} correct reads");
+    eprintln!(
+        "files held open with passthrough across a worker SIGKILL: a new container and {oks} new reads opened them, no error"
+    );
 }
