@@ -385,3 +385,49 @@ fn files_open_across_a_crash_are_opened_again_in_their_mode_after_resume() {
     assert!(!is_mounted(&mountpoint));
     assert!(!state.exists(), "unmounting deletes the open-state file");
 }
+
+#[test]
+fn when_the_open_state_cannot_be_written_it_is_deleted_and_new_files_are_not_passed_through() {
+    let test =
+        "when_the_open_state_cannot_be_written_it_is_deleted_and_new_files_are_not_passed_through";
+    if !fuse_available(test) {
+        return;
+    }
+    let Some(tmpfs) = Tmpfs::mount(64 << 10) else {
+        panic!("{test}: mount -t tmpfs failed (we are root)");
+    };
+    let state = tmpfs.path().join("mount.open-state");
+    let image = open_image();
+    let mounted = mount_image(
+        &image,
+        1 << 30,
+        MountOptions {
+            open_state: Some(state.clone()),
+            ..MountOptions::default()
+        },
+        |cache| {
+            image.warm(cache, b"passed");
+            image.warm(cache, b"fresh");
+        },
+    );
+    assert!(state.exists(), "the mount creates its open-state file");
+    tmpfs.fill();
+
+    // Answered with passthrough, but the open cannot be recorded.
+    let passed = std::fs::read(mounted.path("passed")).expect("read passed");
+    assert!(passed == image.content(b"passed"));
+    assert_eq!(mounted.handle.counters().passthrough_opens, 1);
+    assert!(
+        !state.exists(),
+        "an open-state file that cannot be written is deleted"
+    );
+    // Still served, without passthrough: a resumed mount, finding no open-state
+    // file, would answer every open in cached mode, which this open matches.
+    let fresh = std::fs::read(mounted.path("fresh")).expect("read fresh");
+    assert!(fresh == image.content(b"fresh"));
+    assert_eq!(
+        mounted.handle.counters().passthrough_opens,
+        1,
+        "fresh is not passed through"
+    );
+}

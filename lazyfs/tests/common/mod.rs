@@ -418,3 +418,46 @@ pub fn is_mounted(path: &Path) -> bool {
         .lines()
         .any(|line| line.split(' ').nth(4) == Some(path.as_ref()))
 }
+
+/// A tmpfs of `bytes` mounted for a test (we are root); unmounted lazily when
+/// dropped.
+pub struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(bytes: u64) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().expect("tmpfs dir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "stoker-test"])
+            .arg(dir.path())
+            .status()
+            .ok()?;
+        status.success().then_some(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file there until the file system is full.
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path().join("filler")).expect("filler");
+        let block = vec![0xA5u8; 4096];
+        while let Ok(n) = file.write(&block) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
