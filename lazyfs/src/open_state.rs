@@ -9,7 +9,8 @@
 //! `u32`s: opens in cached mode, opens in passthrough mode, the passthrough
 //! backing id (0 if none), and 0 (reserved). A record of zeros (or a hole, or a
 //! record past the end of the file) is an inode without opens. The file is
-//! sparse: only the pages of inodes ever opened take memory. It belongs to one
+//! sparse: only the pages of inodes ever opened take memory, at most 16 bytes
+//! per inode of the image (16 MiB for a million inodes). It belongs to one
 //! mount of one image: [`crate::mount`] truncates it, [`crate::resume`] reads it
 //! and goes on writing it, and unmounting deletes it. It should live on a tmpfs
 //! (it is written at every open and release, and means nothing after a reboot).
@@ -28,6 +29,11 @@
 //!   counted once; killed after the reply but before the write, the count is one
 //!   too high, harmless as above. Never too low, which would let an inode change
 //!   mode while the kernel still holds an open in the old one.
+//!
+//! A process killed after registering a backing file but before recording the
+//! open leaves that backing id registered, unknown, until the mount ends (the
+//! resent open registers another): one kernel reference to a cache file, no
+//! wrong answer.
 //!
 //! If a write fails (a full tmpfs), the file is deleted and not written again, and
 //! the mount stops passing new files through: a resumed mount without the file
