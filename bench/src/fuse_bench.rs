@@ -584,6 +584,7 @@ fn measure(args: &Args) -> Result<Section, Error> {
         assembly: Some(AssemblyOptions {
             dir: cache_dir.join("files"),
             max_bytes: 4 << 30,
+            verified: Default::default(),
         }),
         ..MountOptions::default()
     };

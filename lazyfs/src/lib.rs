@@ -105,7 +105,7 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 pub use metrics::FsCounters;
 pub use mount::{MountHandle, MountOptions, unmount};
-pub use passthrough::AssemblyOptions;
+pub use passthrough::{AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files};
 pub use trace::ChunkAccess;
 
 /// Everything that can go wrong mounting or unmounting.

@@ -14,7 +14,9 @@
 //!   first), one read and one write of the file to assemble it, and one read to
 //!   verify it the first time this process uses it (as the chunk cache does).
 //!   Assembly runs on a background thread, so the open that finds the chunks
-//!   cached is served normally and later opens pass through.
+//!   cached is served normally and later opens pass through. A node that warms
+//!   an image ahead of its containers assembles the files it expects them to
+//!   open with [`assemble_files`], so that their first open passes through too.
 //!
 //! While an access trace is being recorded, only files that are exactly one
 //! chunk are passed through: any read of such a file touches that one chunk, so
@@ -45,7 +47,7 @@
 //! mount's open-state file ([`crate::open_state`]), so that it answers each inode
 //! still open in the mode the kernel holds it in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -69,10 +71,112 @@ use crate::trace::{AccessTrace, Offered};
 #[derive(Clone, Debug)]
 pub struct AssemblyOptions {
     /// A directory on the same (non-stacked) file system as the chunk cache,
-    /// e.g. `<cache dir>/files`. Created if needed; owned by this mount.
+    /// e.g. `<cache dir>/files`. Created if needed; owned by this mount (and by
+    /// [`assemble_files`] for the same image before it is mounted).
     pub dir: PathBuf,
     /// Upper bound on the bytes of assembled files kept there.
     pub max_bytes: u64,
+    /// Assembled files this process wrote or verified; share one between the
+    /// mounts and [`assemble_files`] of a process.
+    pub verified: VerifiedAssemblies,
+}
+
+/// The assembled files (by path) this process wrote or verified. A file in it
+/// is used as a backing file at its first open, without being hashed again: the
+/// chunk cache's rule, a check on the first use in each process, applied to
+/// assembled files.
+#[derive(Clone, Debug, Default)]
+pub struct VerifiedAssemblies(Arc<Mutex<HashSet<PathBuf>>>);
+
+impl VerifiedAssemblies {
+    fn lock(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn contains(&self, path: &Path) -> bool {
+        self.lock().contains(path)
+    }
+
+    fn insert(&self, path: PathBuf) {
+        self.lock().insert(path);
+    }
+
+    fn remove(&self, path: &Path) {
+        self.lock().remove(path);
+    }
+}
+
+/// What [`assemble_files`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AssemblyReport {
+    /// Files assembled now.
+    pub assembled: u64,
+    /// Files already assembled and verified by this process.
+    pub present: u64,
+    /// Bytes of the files assembled now.
+    pub bytes: u64,
+    /// Files left out: a chunk not cached, over the byte bound, or an error
+    /// (logged).
+    pub skipped: u64,
+}
+
+/// Assembles the backing files of the regular files `ids` of `index` whose
+/// chunks are all in `cache`, into `options.dir`, so that a later mount of the
+/// image with the same options passes them through from their first open.
+/// Files that are one whole chunk need none (their chunk file is the backing
+/// file) and are skipped silently; so are empty files and directories. Stops
+/// adding files once `options.max_bytes` would be exceeded. Blocking (disk I/O).
+pub fn assemble_files(
+    index: &Index,
+    cache: &ChunkCache,
+    options: &AssemblyOptions,
+    ids: impl IntoIterator<Item = InodeId>,
+) -> io::Result<AssemblyReport> {
+    fs::create_dir_all(&options.dir)?;
+    let mut report = AssemblyReport::default();
+    let mut bytes = 0u64;
+    let mut seen = HashSet::new();
+    for id in ids {
+        let regular = index
+            .inode(id)
+            .is_some_and(|i| i.kind == FileKind::File && i.size > 0);
+        if !regular || whole_chunk(index, id).is_some() {
+            continue;
+        }
+        let Some((key, size)) = content_key(index, id) else {
+            continue;
+        };
+        if !seen.insert(key) {
+            continue;
+        }
+        let path = options.dir.join(key.hex());
+        if options.verified.contains(&path) && path.is_file() {
+            report.present += 1;
+            bytes += size;
+            continue;
+        }
+        let all_cached = index
+            .file_chunks(id)
+            .filter_map(|piece| index.chunk(piece.chunk))
+            .all(|loc| cache.contains(&loc.digest));
+        if !all_cached || bytes + size > options.max_bytes {
+            report.skipped += 1;
+            continue;
+        }
+        match assemble_file(&options.dir, index, cache, id, &path) {
+            Ok(()) => {
+                options.verified.insert(path);
+                report.assembled += 1;
+                report.bytes += size;
+                bytes += size;
+            }
+            Err(problem) => {
+                warn!(path = %String::from_utf8_lossy(&index.path_of(id)), %problem, "cannot assemble a passthrough backing file");
+                report.skipped += 1;
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// How an open was answered.
@@ -446,8 +550,8 @@ struct Files {
 struct AssemblerShared {
     dir: PathBuf,
     max_bytes: u64,
+    verified: VerifiedAssemblies,
     files: Mutex<Files>,
-    temp_counter: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -518,7 +622,7 @@ impl Assembler {
                             len: meta.len(),
                             last_used: 0,
                             in_use: 0,
-                            verified: false,
+                            verified: options.verified.contains(&path),
                         },
                     );
                 }
@@ -534,13 +638,13 @@ impl Assembler {
         let shared = Arc::new(AssemblerShared {
             dir: options.dir.clone(),
             max_bytes: options.max_bytes,
+            verified: options.verified.clone(),
             files: Mutex::new(Files {
                 entries,
                 bytes,
                 tick: 0,
                 pending: Default::default(),
             }),
-            temp_counter: AtomicU64::new(0),
             metrics,
         });
         {
@@ -600,6 +704,27 @@ impl Assembler {
                 verify_only: true,
             },
             None => {
+                let path = shared.path(&key);
+                if shared.verified.contains(&path)
+                    && let Ok(file) = File::open(&path)
+                {
+                    // Assembled by `assemble_files` after this mount started.
+                    files.bytes += size;
+                    files.entries.insert(
+                        key,
+                        Entry {
+                            len: size,
+                            last_used: tick,
+                            in_use: 1,
+                            verified: true,
+                        },
+                    );
+                    return Some(AssembledFile {
+                        file,
+                        key,
+                        shared: Arc::clone(shared),
+                    });
+                }
                 let all_cached = index
                     .file_chunks(id)
                     .filter_map(|piece| index.chunk(piece.chunk))
@@ -637,11 +762,16 @@ impl AssemblerShared {
 
     fn run(&self, queue: Receiver<Job>, index: &Index, cache: &ChunkCache) {
         for job in queue {
+            let path = self.path(&job.key);
             let outcome = if job.verify_only {
-                verify_assembled(&self.path(&job.key), index, job.id)
+                verify_assembled(&path, index, job.id)
             } else {
-                self.assemble(index, cache, &job)
+                assemble_file(&self.dir, index, cache, job.id, &path)
             };
+            match outcome {
+                Ok(()) => self.verified.insert(path),
+                Err(_) => self.verified.remove(&path),
+            }
             let mut files = self.lock();
             files.pending.remove(&job.key);
             match outcome {
@@ -682,54 +812,6 @@ impl AssemblerShared {
         }
     }
 
-    /// Writes the file from its cached chunks into a temporary file, then renames
-    /// it into place. Holes are left as holes (they read as zeros).
-    fn assemble(&self, index: &Index, cache: &ChunkCache, job: &Job) -> Result<(), String> {
-        let size = index.inode(job.id).map_or(0, |i| i.size);
-        let serial = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let temp = self.dir.join(format!(
-            "tmp.{}.{}.{serial}",
-            job.key.hex(),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp)
-                .map_err(|e| format!("create {}: {e}", temp.display()))?;
-            file.set_len(size)
-                .map_err(|e| format!("size {}: {e}", temp.display()))?;
-            let mut buffer = Vec::new();
-            for piece in index.file_chunks(job.id) {
-                let loc = index
-                    .chunk(piece.chunk)
-                    .ok_or_else(|| format!("unknown chunk {}", piece.chunk))?;
-                // `get` verifies the chunk file on its first use in this process.
-                let chunk = cache
-                    .get(&loc.digest)
-                    .ok_or_else(|| format!("chunk {} left the cache", loc.digest))?;
-                buffer.resize(piece.len as usize, 0);
-                let got = chunk
-                    .read_at(0, &mut buffer)
-                    .map_err(|e| format!("read chunk {}: {e}", loc.digest))?;
-                if got != buffer.len() {
-                    return Err(format!("chunk {} is short", loc.digest));
-                }
-                file.write_all_at(&buffer, piece.file_offset)
-                    .map_err(|e| format!("write {}: {e}", temp.display()))?;
-            }
-            file.flush().map_err(|e| e.to_string())?;
-            fs::rename(&temp, self.path(&job.key))
-                .map_err(|e| format!("rename {}: {e}", temp.display()))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temp);
-        }
-        result
-    }
-
-    /// Picks least recently used files not in use until the total fits.
     fn evict(&self, files: &mut Files) -> Vec<Digest> {
         let mut victims = Vec::new();
         while files.bytes > self.max_bytes {
@@ -751,6 +833,7 @@ impl AssemblerShared {
 
     fn delete(&self, victims: &[Digest]) {
         for key in victims {
+            self.verified.remove(&self.path(key));
             if let Err(e) = fs::remove_file(self.path(key))
                 && e.kind() != io::ErrorKind::NotFound
             {
@@ -762,6 +845,56 @@ impl AssemblerShared {
 
 /// Checks an assembled file against the index: its size, every piece's sha256,
 /// and zeros in the holes.
+/// Writes regular file `id` of `index` from its cached chunks into a temporary
+/// file in `dir`, then renames it to `path`. Holes are left as holes (they read
+/// as zeros).
+fn assemble_file(
+    dir: &Path,
+    index: &Index,
+    cache: &ChunkCache,
+    id: InodeId,
+    path: &Path,
+) -> Result<(), String> {
+    static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
+    let size = index.inode(id).map_or(0, |i| i.size);
+    let serial = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
+    let temp = dir.join(format!("tmp.{}.{serial}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| format!("create {}: {e}", temp.display()))?;
+        file.set_len(size)
+            .map_err(|e| format!("size {}: {e}", temp.display()))?;
+        let mut buffer = Vec::new();
+        for piece in index.file_chunks(id) {
+            let loc = index
+                .chunk(piece.chunk)
+                .ok_or_else(|| format!("unknown chunk {}", piece.chunk))?;
+            // `get` verifies the chunk file on its first use in this process.
+            let chunk = cache
+                .get(&loc.digest)
+                .ok_or_else(|| format!("chunk {} left the cache", loc.digest))?;
+            buffer.resize(piece.len as usize, 0);
+            let got = chunk
+                .read_at(0, &mut buffer)
+                .map_err(|e| format!("read chunk {}: {e}", loc.digest))?;
+            if got != buffer.len() {
+                return Err(format!("chunk {} is short", loc.digest));
+            }
+            file.write_all_at(&buffer, piece.file_offset)
+                .map_err(|e| format!("write {}: {e}", temp.display()))?;
+        }
+        file.flush().map_err(|e| e.to_string())?;
+        fs::rename(&temp, path).map_err(|e| format!("rename {}: {e}", temp.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
 fn verify_assembled(path: &Path, index: &Index, id: InodeId) -> Result<(), String> {
     let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
     let size = index.inode(id).map_or(0, |i| i.size);

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use stoker_format::Tree;
-use stoker_lazyfs::{AssemblyOptions, MountOptions};
+use stoker_lazyfs::{
+    AssemblyOptions, AssemblyReport, MountOptions, VerifiedAssemblies, assemble_files,
+};
 
 fn image() -> TestImage {
     let mut b = ImageBuilder::new();
@@ -62,6 +64,7 @@ fn fully_cached_files_are_read_through_passthrough_without_fuse_reads() {
         assembly: Some(AssemblyOptions {
             dir: assembly_dir.path().join("files"),
             max_bytes: 64 << 20,
+            verified: Default::default(),
         }),
         ..MountOptions::default()
     };
@@ -254,4 +257,74 @@ fn while_tracing_only_whole_chunk_files_pass_through_and_their_open_is_traced() 
     let before = counters();
     assert_eq!(read_all(&mounted.path("one")), image.content(b"one"));
     assert_eq!(counters().passthrough_opens, before.passthrough_opens + 1);
+}
+
+#[test]
+fn files_assembled_before_the_mount_pass_through_at_their_first_open() {
+    if !fuse_available("files_assembled_before_the_mount_pass_through_at_their_first_open") {
+        return;
+    }
+    let image = image();
+    let assembly_dir = tempfile::tempdir().unwrap();
+    let assembly = AssemblyOptions {
+        dir: assembly_dir.path().join("files"),
+        max_bytes: 64 << 20,
+        verified: VerifiedAssemblies::default(),
+    };
+    let options = MountOptions {
+        assembly: Some(assembly.clone()),
+        ..MountOptions::default()
+    };
+    let ids: Vec<_> = [&b"one"[..], b"multi", b"holes", b"cold"]
+        .iter()
+        .map(|path| image.index.resolve(path).unwrap())
+        .collect();
+    let mut report = AssemblyReport::default();
+    let mounted = mount_image(&image, 1 << 30, options, |cache| {
+        for path in [&b"one"[..], b"multi", b"holes"] {
+            image.warm(cache, path);
+        }
+        // What a node warmed from a plan does before the image's containers start.
+        report = assemble_files(&image.index, cache, &assembly, ids.iter().copied()).unwrap();
+    });
+    // "one" and "cold" are single chunks: their chunk file is their backing file.
+    assert_eq!(
+        (report.assembled, report.present, report.skipped),
+        (2, 0, 0),
+        "{report:?}"
+    );
+    if !mounted.handle.passthrough_enabled() {
+        eprintln!(
+            "SKIPPED: files_assembled_before_the_mount_pass_through_at_their_first_open: the kernel does not offer FUSE passthrough"
+        );
+        return;
+    }
+    let counters = || mounted.handle.counters();
+    for (path, name) in [(&b"multi"[..], "multi"), (b"holes", "holes")] {
+        let before = counters();
+        assert!(
+            read_all(&mounted.path(name)) == image.content(path),
+            "{name} via passthrough"
+        );
+        let after = counters();
+        assert_eq!(
+            after.passthrough_opens,
+            before.passthrough_opens + 1,
+            "{name}: its first open passes through"
+        );
+        assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
+        assert_eq!(
+            after.assembled_files, before.assembled_files,
+            "{name}: not assembled again"
+        );
+    }
+    // Assembling again finds the files in place.
+    let again = assemble_files(
+        &image.index,
+        mounted.cache(),
+        &assembly,
+        ids.iter().copied(),
+    )
+    .unwrap();
+    assert_eq!((again.assembled, again.present), (0, 2), "{again:?}");
 }
