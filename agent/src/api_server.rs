@@ -124,7 +124,10 @@ impl Agent for AgentService {
         let index_digest = parse_digest(&r.index_digest)?;
         let plan =
             Plan::decode(&r.plan).map_err(|e| Status::invalid_argument(format!("plan: {e}")))?;
-        debug!(image = %r.image_ref, index = %index_digest, "Prefetch");
+        debug!(image = %r.image_ref, index = %index_digest, learning_complete = r.learning_complete, "Prefetch");
+        if r.learning_complete {
+            self.traces.stop_learning(index_digest);
+        }
         let progress = self
             .prefetches
             .start(PrefetchRequest {
@@ -132,6 +135,7 @@ impl Agent for AgentService {
                 index_digest,
                 plan,
                 background_rest: r.background_rest,
+                prepare_passthrough: r.learning_complete,
             })
             .map_err(Status::from)?;
         Ok(Response::new(progress_stream(progress)))

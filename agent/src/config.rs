@@ -122,6 +122,11 @@ pub struct ReadConfig {
     /// On a read that misses the cache, the compressed bytes of the chunks that
     /// follow it in the blob that are fetched in the same request (0: off).
     pub miss_readahead_bytes: u64,
+    /// Per image, the bytes of per-file backing files assembled from cached
+    /// chunks so that files of several chunks can pass through to the kernel
+    /// (under `<cache dir>/assembled/`, outside `cache.max_bytes`; 0: only
+    /// single-chunk files pass through).
+    pub assembly_max_bytes: u64,
 }
 
 impl Default for ReadConfig {
@@ -130,6 +135,7 @@ impl Default for ReadConfig {
         ReadConfig {
             readahead_bytes: mount.readahead_bytes,
             miss_readahead_bytes: mount.miss_readahead_bytes,
+            assembly_max_bytes: 4 << 30,
         }
     }
 }
@@ -142,6 +148,10 @@ pub struct PrefetchConfig {
     pub concurrency: u32,
     /// After a plan, fetch the rest of the image in the background.
     pub background_rest: bool,
+    /// For an image whose starts are no longer traced, the uncompressed bytes
+    /// outside its plan that may be fetched to complete the files the plan
+    /// reads, so that they pass through to the kernel (0: none).
+    pub complete_files_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -210,6 +220,7 @@ impl Default for PrefetchConfig {
         PrefetchConfig {
             concurrency: 10,
             background_rest: false,
+            complete_files_max_bytes: 1 << 30,
         }
     }
 }
@@ -239,6 +250,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("STOKER_PREFETCH_CONCURRENCY", "prefetch.concurrency"),
     ("STOKER_READAHEAD_BYTES", "reads.readahead_bytes"),
     ("STOKER_MISS_READAHEAD_BYTES", "reads.miss_readahead_bytes"),
+    ("STOKER_ASSEMBLY_MAX_BYTES", "reads.assembly_max_bytes"),
+    (
+        "STOKER_COMPLETE_FILES_MAX_BYTES",
+        "prefetch.complete_files_max_bytes",
+    ),
     ("STOKER_METRICS_LISTEN", "metrics_addr (HOST:PORT)"),
     (
         "STOKER_METRICS_ADDR",
@@ -352,6 +368,12 @@ impl Config {
         }
         if let Some(n) = number("STOKER_MISS_READAHEAD_BYTES")? {
             self.reads.miss_readahead_bytes = n;
+        }
+        if let Some(n) = number("STOKER_ASSEMBLY_MAX_BYTES")? {
+            self.reads.assembly_max_bytes = n;
+        }
+        if let Some(n) = number("STOKER_COMPLETE_FILES_MAX_BYTES")? {
+            self.prefetch.complete_files_max_bytes = n;
         }
         let metrics = |name: &str| -> Result<Option<std::net::SocketAddr>, AgentError> {
             env(name)
@@ -505,6 +527,15 @@ impl Config {
             default_timeout: Duration::from_secs(self.warm_gate_timeout_secs),
             ..crate::node_gate::GateOptions::default()
         }
+    }
+
+    /// Per-file backing files for passthrough, per image (see [`crate::assembly`]);
+    /// `None` when `reads.assembly_max_bytes` is 0.
+    pub fn assembly(&self) -> Option<crate::assembly::Assembly> {
+        crate::assembly::Assembly::new(
+            self.cache_dir().join("assembled"),
+            self.reads.assembly_max_bytes,
+        )
     }
 
     /// The chunk cache directory.

@@ -39,6 +39,7 @@ use stoker_lazyfs::{MountHandle, MountOptions};
 use stoker_registry::RegistryClient;
 use stoker_snapshotter::{LazyImage, LazyMounter, SnapshotterError};
 
+use crate::assembly::Assembly;
 use crate::fd_keeper::KeeperClient;
 
 /// One image mounted by a [`RegistryLazyMounter`]. Cheap to clone.
@@ -81,6 +82,9 @@ pub struct RegistryLazyMounter {
     /// Where each mount keeps its open-state file; `None`: nowhere, and a
     /// resumed mount does not use passthrough.
     open_state_dir: Option<PathBuf>,
+    /// Per-file backing files for passthrough; `None`: only single-chunk files
+    /// pass through.
+    assembly: Option<Assembly>,
 }
 
 impl RegistryLazyMounter {
@@ -101,7 +105,15 @@ impl RegistryLazyMounter {
             keeper: None,
             resumable: Mutex::new(HashMap::new()),
             open_state_dir: None,
+            assembly: None,
         }
+    }
+
+    /// Lets mounts pass multi-chunk files through from backing files assembled
+    /// in `assembly` (see [`crate::assembly`]).
+    pub fn with_assembly(mut self, assembly: Option<Assembly>) -> RegistryLazyMounter {
+        self.assembly = assembly;
+        self
     }
 
     /// Keeps each mount's open-state file in `dir` (a tmpfs: the agent's runtime
@@ -258,6 +270,7 @@ impl RegistryLazyMounter {
         let (mount_index, mount_fetcher) = (Arc::clone(&index), fetcher.clone());
         let options = MountOptions {
             open_state: self.open_state_file(mountpoint),
+            assembly: self.assembly.as_ref().map(|a| a.options_for(&index_digest)),
             ..self.mount_options.clone()
         };
         let target = mountpoint.to_path_buf();
@@ -334,11 +347,22 @@ impl LazyMounter for RegistryLazyMounter {
             };
             self.forget_kept(mountpoint);
             let target = mountpoint.to_path_buf();
-            tokio::task::spawn_blocking(move || match Arc::try_unwrap(mounted.handle) {
-                Ok(handle) => handle.unmount(),
-                // Someone (a trace under way) still holds the handle: unmount by
-                // path now; the session ends when the last holder drops it.
-                Err(_shared) => stoker_lazyfs::unmount(&target),
+            let assembled = self
+                .assembly
+                .clone()
+                .zip(Digest::parse(&image.index_digest).ok());
+            tokio::task::spawn_blocking(move || {
+                let unmounted = match Arc::try_unwrap(mounted.handle) {
+                    Ok(handle) => handle.unmount(),
+                    // Someone (a trace under way) still holds the handle: unmount by
+                    // path now; the session ends when the last holder drops it.
+                    Err(_shared) => stoker_lazyfs::unmount(&target),
+                };
+                // Open files keep their backing files; the directory goes now.
+                if let Some((assembly, digest)) = assembled {
+                    assembly.remove(&digest);
+                }
+                unmounted
             })
             .await
             .map_err(|e| SnapshotterError::Remote {

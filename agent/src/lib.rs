@@ -14,6 +14,7 @@
 //! [`LazyMounter`](stoker_snapshotter::LazyMounter), and serves it.
 //!
 //! Modules:
+//! - [`assembly`]: where per-file backing files for passthrough are kept, per image;
 //! - [`lazy_mount`]: [`lazy_mount::RegistryLazyMounter`], mounting an image's lazy
 //!   filesystem (index, fetcher over the node's chunk cache, FUSE mount);
 //! - [`resolver`]: [`resolver::RegistryResolver`], finding an image's Stoker artifact in
@@ -33,6 +34,7 @@
 //!   FUSE connections open while the agent's worker process restarts.
 
 pub mod api_server;
+pub mod assembly;
 pub mod config;
 pub mod containerd_check;
 pub mod credentials;

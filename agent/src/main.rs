@@ -117,6 +117,9 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         max_prefetch_in_flight: config.prefetch.concurrency as usize,
         ..stoker_fetch::FetchConfig::default()
     };
+    // One set of assembled backing files (and of those verified by this
+    // process) for the mounts and the prefetches.
+    let assembly = config.assembly();
     // Indexes are kept on disk, so a restart re-mounts without the registry.
     let mut lazy_mounter = RegistryLazyMounter::new(
         registry.clone(),
@@ -129,6 +132,7 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         },
     )
     .with_index_dir(config.state_dir.join("indexes"))
+    .with_assembly(assembly.clone())
     .with_open_state_dir(config.open_state_dir());
     if let Some(socket) = keeper_socket {
         match KeeperClient::connect(socket) {
@@ -193,6 +197,8 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         Arc::new(images),
         PrefetchOptions {
             background_rest: config.prefetch.background_rest,
+            assembly,
+            complete_files_max_bytes: config.prefetch.complete_files_max_bytes,
             ..PrefetchOptions::default()
         },
     );

@@ -65,6 +65,7 @@ async fn prefetch(
             index_digest: plan.index_digest.to_string(),
             plan: plan.encode().expect("plan"),
             background_rest: false,
+            learning_complete: false,
         })
         .await
         .expect("prefetch call")

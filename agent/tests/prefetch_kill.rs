@@ -73,6 +73,7 @@ fn wire(image_ref: &str, plan: &Plan) -> Wire {
         index_digest: plan.index_digest.to_string(),
         plan: plan.encode().expect("plan"),
         background_rest: false,
+        learning_complete: false,
     }
 }
 

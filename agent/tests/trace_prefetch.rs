@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use stoker_agent::assembly::Assembly;
 use stoker_agent::prefetch::{
     NodeImages, PrefetchOptions, PrefetchRequest, PrefetchState, Prefetches, Progress,
 };
@@ -258,6 +259,16 @@ struct TestNode {
 
 impl TestNode {
     fn new(image: &TestImage, cache_bytes: u64, config: FetchConfig) -> TestNode {
+        TestNode::with_options(image, cache_bytes, config, |_| PrefetchOptions::default())
+    }
+
+    /// A node whose executor options `options` makes from the cache directory.
+    fn with_options(
+        image: &TestImage,
+        cache_bytes: u64,
+        config: FetchConfig,
+        options: impl FnOnce(&Path) -> PrefetchOptions,
+    ) -> TestNode {
         let cache_dir = tempfile::tempdir().expect("cache dir");
         let cache = ChunkCache::open(cache_dir.path(), cache_bytes).expect("cache");
         let source = FakeSource::new(image);
@@ -271,7 +282,7 @@ impl TestNode {
             .add_fetcher(IMAGE_REF, fetcher.clone())
             .expect("fetcher");
         images.add_index(image.digest, Arc::clone(&image.index));
-        let prefetches = Prefetches::new(images, PrefetchOptions::default());
+        let prefetches = Prefetches::new(images, options(cache_dir.path()));
         TestNode {
             source,
             fetcher,
@@ -298,6 +309,7 @@ impl TestNode {
                 index_digest: image.digest,
                 plan,
                 background_rest: false,
+                prepare_passthrough: false,
             })
             .expect("prefetch accepted")
     }
@@ -986,6 +998,7 @@ async fn bad_plans_are_refused_with_a_reason() {
         index_digest: image.digest,
         plan: other,
         background_rest: false,
+        prepare_passthrough: false,
     });
     assert!(matches!(
         refused,
@@ -1017,6 +1030,7 @@ async fn the_rest_of_the_image_follows_the_plan_when_asked() {
             index_digest: image.digest,
             plan,
             background_rest: true,
+            prepare_passthrough: false,
         })
         .unwrap();
     let done = final_state(&mut progress).await;
@@ -1160,6 +1174,7 @@ async fn the_unix_socket_api_streams_progress_and_serves_traces() {
             index_digest: image.digest.to_string(),
             plan: plan.encode().unwrap(),
             background_rest: false,
+            learning_complete: false,
         })
         .await
         .unwrap()
@@ -1189,6 +1204,7 @@ async fn the_unix_socket_api_streams_progress_and_serves_traces() {
             index_digest: image.digest.to_string(),
             plan: b"not a plan".to_vec(),
             background_rest: false,
+            learning_complete: false,
         })
         .await
         .unwrap_err();
@@ -1275,6 +1291,7 @@ async fn a_plan_warms_an_empty_cache_from_a_real_registry() {
         index_digest,
         plan: plan.clone(),
         background_rest: false,
+        prepare_passthrough: false,
     };
     let mut progress = prefetches.start(request.clone()).unwrap();
     let done = final_state(&mut progress).await;
@@ -1308,4 +1325,97 @@ async fn a_plan_warms_an_empty_cache_from_a_real_registry() {
         wrong.to_string().contains("no Stoker artifact with index"),
         "{wrong}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_of_a_learned_image_completes_and_assembles_its_files_so_their_first_open_passes_through()
+ {
+    let test = "a_plan_of_a_learned_image_completes_and_assembles_its_files_so_their_first_open_passes_through";
+    if !fuse_available(test) {
+        return;
+    }
+    let image = workload_image();
+    let (a, b, d, e) = (
+        image.chunks_of("a"),
+        image.chunks_of("b"),
+        image.chunks_of("d"),
+        image.chunks_of("e"),
+    );
+    // Earlier starts read the head of `a`, all of `b`, `d` and the head of `e`.
+    let mut planned = vec![a[0], a[1]];
+    planned.extend(&b);
+    planned.extend(&d);
+    planned.push(e[0]);
+    let plan = image.plan(planned.clone());
+    // Room to complete `a` (the first in plan order), not also `e`.
+    let a_rest = image.bytes_of(&a[2..]);
+    let mut assembly = None;
+    let node = TestNode::with_options(&image, 1 << 30, one_chunk_per_request(4), |cache_dir| {
+        assembly = Assembly::new(cache_dir.join("assembled"), 1 << 30);
+        PrefetchOptions {
+            assembly: assembly.clone(),
+            complete_files_max_bytes: a_rest,
+            ..PrefetchOptions::default()
+        }
+    });
+    let assembly = assembly.expect("assembly on");
+    let mut progress = node
+        .prefetches
+        .start(PrefetchRequest {
+            image_ref: IMAGE_REF.into(),
+            index_digest: image.digest,
+            plan,
+            background_rest: false,
+            prepare_passthrough: true,
+        })
+        .expect("prefetch accepted");
+    let done = final_state(&mut progress).await;
+    assert_eq!(done.state, PrefetchState::Done, "{done:?}");
+    // `a` was completed beyond the plan; `e` was not (over the byte bound).
+    assert!(
+        node.cached(&image, &a).iter().all(|c| *c),
+        "all of a cached"
+    );
+    assert_eq!(node.cached(&image, &e[1..]), vec![false; e.len() - 1]);
+
+    // The image's mount, with the node's assembled files: `a` and `b` pass
+    // through from their first open, `e` is read through the filesystem.
+    let dir = tempfile::tempdir().expect("mount point");
+    let handle = stoker_lazyfs::mount(
+        Arc::clone(&image.index),
+        node.fetcher.clone(),
+        dir.path(),
+        MountOptions {
+            assembly: Some(assembly.options_for(&image.digest)),
+            ..MountOptions::default()
+        },
+    )
+    .expect("mount");
+    if !handle.passthrough_enabled() {
+        eprintln!("SKIPPED: {test}: the kernel does not offer FUSE passthrough");
+        return;
+    }
+    for name in ["a", "b"] {
+        let before = handle.counters();
+        run_workload(&image, dir.path(), &[name]);
+        let after = handle.counters();
+        assert_eq!(
+            after.passthrough_opens,
+            before.passthrough_opens + 1,
+            "{name}: its first open passes through"
+        );
+        assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
+    }
+    let before = handle.counters();
+    run_workload(&image, dir.path(), &["e"]);
+    let after = handle.counters();
+    assert_eq!(
+        after.passthrough_opens, before.passthrough_opens,
+        "e: not whole"
+    );
+    assert!(
+        after.reads > before.reads,
+        "e is read through the filesystem"
+    );
+    handle.unmount().expect("unmount");
 }

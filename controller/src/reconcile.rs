@@ -264,6 +264,9 @@ async fn apply(prefetch: Arc<ImagePrefetch>, ctx: Arc<Context>) -> Result<Action
                 index_digest: digest.clone(),
                 plan: bytes.into(),
                 background_rest: policy.background_fetch_rest,
+                // Learned from enough starts: agents stop tracing the image, so
+                // its starts can pass every local file through to the kernel.
+                learning_complete: image.pods_learned >= learn_target,
             }),
             Err(e) => problems.push(Problem {
                 reason: "BadPlan",

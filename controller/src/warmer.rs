@@ -65,13 +65,22 @@ pub struct PlanPush {
     /// stoker-format's compact plan encoding.
     pub plan: Arc<[u8]>,
     pub background_rest: bool,
+    /// The controller has learned all the starts it wants from this image: the
+    /// agent stops tracing it (`PrefetchRequest.learning_complete`).
+    pub learning_complete: bool,
 }
 
 impl PlanPush {
     /// Identifies this exact plan (digest, bytes and options).
     pub fn revision(&self) -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (&self.index_digest, &self.plan[..], self.background_rest).hash(&mut hasher);
+        (
+            &self.index_digest,
+            &self.plan[..],
+            self.background_rest,
+            self.learning_complete,
+        )
+            .hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -787,6 +796,7 @@ impl Warmer {
             index_digest: plan.index_digest.clone(),
             plan: plan.plan.to_vec(),
             background_rest: plan.background_rest,
+            learning_complete: plan.learning_complete,
         };
         for attempt in 1..=self.config.max_attempts.max(1) {
             let outcome = {

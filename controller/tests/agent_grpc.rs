@@ -76,6 +76,7 @@ async fn the_controller_pushes_plans_and_collects_traces_over_mutual_tls() {
         index_digest: image.index_digest.to_string(),
         plan: plan.encode().unwrap().into(),
         background_rest: false,
+        learning_complete: false,
     };
     let warmer = Warmer::new(agents.clone(), WarmerConfig::default());
     warmer.node_applied(&node_object());
@@ -114,6 +115,7 @@ async fn the_controller_pushes_plans_and_collects_traces_over_mutual_tls() {
                 index_digest: image.index_digest.to_string(),
                 plan: push.plan.to_vec(),
                 background_rest: false,
+                learning_complete: false,
             },
         )
         .await
@@ -196,6 +198,7 @@ async fn the_controller_pushes_plans_and_collects_traces_over_mutual_tls() {
                 index_digest: image.index_digest.to_string(),
                 plan: b"not a plan".to_vec(),
                 background_rest: false,
+                learning_complete: false,
             },
         )
         .await

@@ -133,6 +133,7 @@ async fn a_private_image_is_warmed_with_credentials_sent_over_mutual_tls() {
         index_digest: image.index_digest.to_string(),
         plan: plan.encode().unwrap().into(),
         background_rest: false,
+        learning_complete: false,
     };
     let target = |credentials: Vec<RegistryCredential>| Target {
         placements: vec![PodScheduling::default()],

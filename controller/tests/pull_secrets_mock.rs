@@ -385,6 +385,7 @@ fn target_with(password: &str) -> Target {
             index_digest: Digest::of(b"index").to_string(),
             plan: vec![1, 2, 3].into(),
             background_rest: false,
+            learning_complete: false,
         }],
         credentials: vec![credential(password)],
         ..Target::default()

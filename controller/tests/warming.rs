@@ -39,6 +39,7 @@ fn plan(digest: &str, bytes: &[u8]) -> PlanPush {
         index_digest: digest.into(),
         plan: bytes.to_vec().into(),
         background_rest: false,
+        learning_complete: false,
     }
 }
 

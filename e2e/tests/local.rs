@@ -342,6 +342,7 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
         index_digest: report.index_digest.clone(),
         plan: plan.encode().expect("encode plan").into(),
         background_rest: false,
+        learning_complete: false,
     };
     registry.clear_requests();
     rt.block_on(async {
@@ -391,6 +392,7 @@ fn a_plan_learned_on_one_node_warms_another_over_mutual_tls() {
                     index_digest: report.index_digest.clone(),
                     plan: push.plan.to_vec(),
                     background_rest: false,
+                    learning_complete: false,
                 },
             )
             .await

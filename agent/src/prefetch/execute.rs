@@ -13,10 +13,14 @@
 //! fails the plan: nothing unverified is cached, the chunks verified so far stay.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use futures::{StreamExt, stream};
 use stoker_fetch::{ChunkLocation, Fetcher, Priority};
 use stoker_format::{Digest, Index, Plan};
+use tracing::info;
+
+use super::passthrough::{PassthroughPrep, prepare_passthrough};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -77,12 +81,15 @@ pub enum Outcome {
 }
 
 /// Warms the cache with `plan`'s chunks (checked against `index` first),
-/// publishing progress on `progress` until the final state.
+/// publishing progress on `progress` until the final state. With `prepare`,
+/// the plan's files are then made ready for passthrough
+/// ([`prepare_passthrough`]) before the plan is reported done.
 pub async fn execute_plan(
     fetcher: &Fetcher,
-    index: &Index,
+    index: &Arc<Index>,
     index_digest: &Digest,
     plan: &Plan,
+    prepare: Option<&PassthroughPrep>,
     progress: &watch::Sender<Progress>,
     cancel: &CancellationToken,
 ) -> Outcome {
@@ -90,7 +97,15 @@ pub async fn execute_plan(
         return finish(progress, Outcome::Failed(e.to_string()));
     }
     let chunks = distinct(plan.chunks.iter().filter_map(|&c| index.chunk(c)));
-    warm(fetcher, chunks, progress, cancel).await
+    let outcome = warm(fetcher, chunks, progress, cancel).await;
+    if outcome != Outcome::Done {
+        return outcome;
+    }
+    if let Some(prepare) = prepare {
+        let report = prepare_passthrough(fetcher, index, plan, prepare, cancel).await;
+        info!(index = %index_digest, ?report, "plan's files prepared for passthrough");
+    }
+    finish(progress, Outcome::Done)
 }
 
 /// Warms the chunks of `index` that are neither in `plan` nor cached, in index
@@ -125,10 +140,15 @@ pub async fn execute_rest(
         room -= len;
         rest.push(location);
     }
-    warm(fetcher, distinct(rest.into_iter()), progress, cancel).await
+    match warm(fetcher, distinct(rest.into_iter()), progress, cancel).await {
+        Outcome::Done => finish(progress, Outcome::Done),
+        other => other,
+    }
 }
 
-async fn warm(
+/// Fetches `chunks` in batches; publishes progress and any failure, but not
+/// `Done` (the caller does).
+pub(super) async fn warm(
     fetcher: &Fetcher,
     chunks: Vec<ChunkLocation>,
     progress: &watch::Sender<Progress>,
@@ -186,7 +206,8 @@ async fn warm(
             )),
         );
     }
-    finish(progress, Outcome::Done)
+    // The caller publishes `Done` once it has finished with the chunks.
+    Outcome::Done
 }
 
 /// Fetches one batch and makes sure each of its chunks is cached: a chunk

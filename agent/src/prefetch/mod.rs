@@ -18,6 +18,7 @@
 
 mod execute;
 mod images;
+mod passthrough;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +30,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::AgentError;
+use crate::assembly::Assembly;
 pub use execute::{Outcome, PrefetchState, Progress, execute_plan, execute_rest};
 pub use images::NodeImages;
+pub use passthrough::{PassthroughPrep, PrepReport, prepare_passthrough};
 
 /// Limits of the executor.
 #[derive(Clone, Debug)]
@@ -39,6 +42,12 @@ pub struct PrefetchOptions {
     pub plans_at_once: usize,
     /// Fetch the rest of every image after its plan, whatever the request says.
     pub background_rest: bool,
+    /// Where per-file backing files for passthrough go; `None`: plans do not
+    /// prepare files for passthrough.
+    pub assembly: Option<Assembly>,
+    /// Uncompressed bytes outside a plan that may be fetched to complete the
+    /// plan's files for passthrough ([`prepare_passthrough`]).
+    pub complete_files_max_bytes: u64,
 }
 
 impl Default for PrefetchOptions {
@@ -46,6 +55,8 @@ impl Default for PrefetchOptions {
         PrefetchOptions {
             plans_at_once: 2,
             background_rest: false,
+            assembly: None,
+            complete_files_max_bytes: 0,
         }
     }
 }
@@ -59,6 +70,9 @@ pub struct PrefetchRequest {
     pub plan: Plan,
     /// After the plan, fetch the rest of the image (within the cache's free space).
     pub background_rest: bool,
+    /// Starts of the image are not traced: make the plan's files ready for
+    /// passthrough before reporting the plan done ([`prepare_passthrough`]).
+    pub prepare_passthrough: bool,
 }
 
 /// The node's prefetch jobs.
@@ -66,6 +80,8 @@ pub struct Prefetches {
     images: Arc<NodeImages>,
     slots: Arc<Semaphore>,
     background_rest: bool,
+    assembly: Option<Assembly>,
+    complete_files_max_bytes: u64,
     jobs: Mutex<HashMap<Digest, Job>>,
     next_job: AtomicU64,
     /// Indexes whose plan finished `Done` since the agent started.
@@ -86,6 +102,8 @@ impl Prefetches {
             images,
             slots: Arc::new(Semaphore::new(options.plans_at_once.max(1))),
             background_rest: options.background_rest,
+            assembly: options.assembly,
+            complete_files_max_bytes: options.complete_files_max_bytes,
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(0),
             done: watch::Sender::new(HashSet::new()),
@@ -237,11 +255,19 @@ impl Prefetches {
             Ok(opened) => opened,
             Err(e) => return failed(e.to_string()),
         };
+        let prepare = match &self.assembly {
+            Some(assembly) if request.prepare_passthrough => Some(PassthroughPrep {
+                assembly: assembly.options_for(&request.index_digest),
+                max_extra_bytes: self.complete_files_max_bytes,
+            }),
+            _ => None,
+        };
         execute_plan(
             &fetcher,
             &index,
             &request.index_digest,
             &request.plan,
+            prepare.as_ref(),
             progress,
             cancel,
         )

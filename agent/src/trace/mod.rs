@@ -33,7 +33,7 @@ mod mount_hook;
 mod recorder;
 mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -118,6 +118,10 @@ pub struct Traces {
     shared: Arc<Shared>,
     options: TraceOptions,
     sequence: AtomicU64,
+    /// Indexes whose starts are no longer traced: the controller has learned
+    /// what it wants from them (`PrefetchRequest.learning_complete`). In memory:
+    /// after an agent restart, the next start is traced again.
+    learned: Mutex<HashSet<Digest>>,
 }
 
 struct Shared {
@@ -171,6 +175,7 @@ impl Traces {
             }),
             options,
             sequence: AtomicU64::new(0),
+            learned: Mutex::new(HashSet::new()),
         };
         traces.shared.evict(&mut traces.shared.lock());
         Ok(traces)
@@ -178,6 +183,22 @@ impl Traces {
 
     pub fn options(&self) -> &TraceOptions {
         &self.options
+    }
+
+    /// From now on, starts of `index_digest` are not traced.
+    pub fn stop_learning(&self, index_digest: Digest) {
+        self.learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(index_digest);
+    }
+
+    /// True if starts of `index_digest` are no longer traced ([`Traces::stop_learning`]).
+    pub fn is_learned(&self, index_digest: &Digest) -> bool {
+        self.learned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(index_digest)
     }
 
     /// Opens a startup window for `subject` now. The returned sender goes to the

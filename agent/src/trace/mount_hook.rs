@@ -10,7 +10,8 @@
 //! state (before [`TracingMounter::start_recording`]) are not traced: they serve
 //! containers that started long ago. The recording ends when its window closes,
 //! on `ContainerReady` for the container that claimed it, or when the image is
-//! unmounted (the mount's sender goes away).
+//! unmounted (the mount's sender goes away). Images the controller has learned
+//! enough starts of ([`Traces::stop_learning`]) are not traced.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::future::BoxFuture;
 use stoker_format::Digest;
 use stoker_snapshotter::{LazyImage, LazyMounter, SnapshotterError};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{TraceSubject, Traces};
 use crate::AgentError;
@@ -56,6 +57,11 @@ impl TracingMounter {
             image: image.image_ref.clone(),
             message: format!("index digest: {e}"),
         })?;
+        if self.traces.is_learned(&index_digest) {
+            // Untraced, every file whose bytes are local can pass through.
+            debug!(image = %image.image_ref, "no startup trace: the controller has learned this image");
+            return Ok(());
+        }
         let started = self.traces.record(TraceSubject {
             image_ref: image.image_ref.clone(),
             index_digest,
