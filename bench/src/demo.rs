@@ -22,6 +22,7 @@
 //! (registry, containerd, agents, containers, mounts, temporary directories) is
 //! stopped and removed when it returns.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::Stdio;
@@ -70,12 +71,16 @@ pub struct StartRun {
 }
 
 /// What a Stoker node's agent counted (its Prometheus `/metrics`) by the end of a start.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AgentCounters {
     /// Files opened with FUSE passthrough: read by the kernel, not the agent.
     pub passthrough_opens: u64,
     /// FUSE read requests the agent answered.
     pub fuse_reads: u64,
+    /// FUSE operations the agent answered, by operation: how many, and the
+    /// seconds spent answering them (summed over the agent's threads), most
+    /// time first.
+    pub fuse_ops: Vec<(String, u64, f64)>,
 }
 
 /// The three starts of one image.
@@ -161,11 +166,20 @@ pub fn table(result: &DemoResult) -> Section {
         "Registry on loopback: on a real network the full pull pays for every byte, so the gap grows.",
     );
     for run in result.runs() {
-        if let Some(c) = run.agent_counters {
+        if let Some(c) = &run.agent_counters {
+            let ops: Vec<String> = c
+                .fuse_ops
+                .iter()
+                .map(|(op, count, seconds)| format!("{op} {count} in {:.0} ms", seconds * 1e3))
+                .collect();
             section.note(format!(
                 "{}: the agent answered {} FUSE reads; {} files were opened with FUSE passthrough \
-                 (read by the kernel from the chunk cache, not through the agent).",
-                run.name, c.fuse_reads, c.passthrough_opens
+                 (read by the kernel from the chunk cache, not through the agent). Time the agent \
+                 spent answering FUSE operations: {}.",
+                run.name,
+                c.fuse_reads,
+                c.passthrough_opens,
+                ops.join(", ")
             ));
         }
     }
@@ -471,16 +485,17 @@ impl StokerNode {
         .ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;
-        let sum = |name: &str, label: Option<&str>| -> u64 {
+        let sum = |name: &str, label: Option<&str>| -> f64 {
             text.lines()
                 .filter(|line| line.starts_with(name))
                 .filter(|line| label.is_none_or(|l| line.contains(l)))
                 .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>() as u64
+                .sum::<f64>()
         };
         Some(AgentCounters {
-            passthrough_opens: sum("stoker_fuse_passthrough_opens_total", None),
-            fuse_reads: sum("stoker_fuse_operations_total", Some("op=\"read\"")),
+            passthrough_opens: sum("stoker_fuse_passthrough_opens_total", None) as u64,
+            fuse_reads: sum("stoker_fuse_operations_total", Some("op=\"read\"")) as u64,
+            fuse_ops: fuse_op_times(&text),
         })
     }
 
@@ -512,6 +527,51 @@ impl StokerNode {
             agent_counters: self.agent_counters(),
         })
     }
+}
+
+/// Per FUSE operation, from Prometheus text: how many the agent answered and the
+/// seconds it spent on them (`stoker_fuse_operation_duration_seconds` count and
+/// sum), most time first.
+fn fuse_op_times(metrics: &str) -> Vec<(String, u64, f64)> {
+    let mut ops: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for line in metrics.lines() {
+        let (series, is_count) = if let Some(rest) =
+            line.strip_prefix("stoker_fuse_operation_duration_seconds_sum")
+        {
+            (rest, false)
+        } else if let Some(rest) = line.strip_prefix("stoker_fuse_operation_duration_seconds_count")
+        {
+            (rest, true)
+        } else {
+            continue;
+        };
+        let Some(op) = series
+            .split("op=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+        else {
+            continue;
+        };
+        let Some(value) = series
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let entry = ops.entry(op.to_string()).or_default();
+        if is_count {
+            entry.0 += value as u64;
+        } else {
+            entry.1 += value;
+        }
+    }
+    let mut ops: Vec<(String, u64, f64)> = ops
+        .into_iter()
+        .map(|(op, (count, seconds))| (op, count, seconds))
+        .collect();
+    ops.sort_by(|a, b| b.2.total_cmp(&a.2));
+    ops
 }
 
 /// `ctr images pull` of `reference` (plain HTTP) into containerd's overlayfs
@@ -668,6 +728,7 @@ pub(crate) async fn push_plan(
             index_digest: index_digest.to_string(),
             plan: plan.encode()?,
             background_rest: false,
+            learning_complete: true,
         })
         .await?
         .into_inner();
