@@ -435,12 +435,17 @@ state = "{state}"
 
     /// Kills the runc shims this containerd started: they run detached and are found by
     /// the `-address <our socket>` on their command line.
+    /// Kills this containerd's shims and every process under them (the
+    /// containers): killing only a shim would leave its containers running,
+    /// adopted by init.
     fn kill_shims(&self) {
         let socket = self.socket();
         let socket = socket.to_string_lossy();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return;
         };
+        let mut shims = Vec::new();
+        let mut children: std::collections::HashMap<u32, Vec<u32>> = Default::default();
         for entry in entries.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -449,6 +454,16 @@ state = "{state}"
             else {
                 continue;
             };
+            // The parent is the 4th field of /proc/PID/stat, after "(comm)".
+            if let Some(parent) = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after_comm = stat.rsplit_once(')')?.1;
+                    after_comm.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+            {
+                children.entry(parent).or_default().push(pid);
+            }
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
@@ -461,8 +476,17 @@ state = "{state}"
                 .is_some_and(|program| program.contains("containerd-shim"))
                 && args.iter().any(|arg| arg == socket.as_ref());
             if is_our_shim {
-                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                shims.push(pid);
             }
+        }
+        let mut doomed = Vec::new();
+        let mut queue = shims;
+        while let Some(pid) = queue.pop() {
+            doomed.push(pid);
+            queue.extend(children.get(&pid).into_iter().flatten().copied());
+        }
+        for pid in doomed {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }
 
