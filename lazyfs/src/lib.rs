@@ -50,7 +50,8 @@
 //! - **Passthrough** (kernel 6.9+): a file whose bytes are all cached is opened with
 //!   a local backing file so the kernel reads it without this process. Single-chunk
 //!   files use the chunk's cache file; other files use a per-file copy assembled in
-//!   the background when [`MountOptions::assembly`] is set. Detected at mount time
+//!   the background when [`MountOptions::assembly`] is set, or ahead of the mount
+//!   with [`assemble_files`] (then their first open passes through). Detected at mount time
 //!   and switched off cleanly if the kernel refuses. Cost of assembled files: the
 //!   file's bytes on disk a second time (bounded by [`AssemblyOptions::max_bytes`],
 //!   least recently used first out), one read and one write to assemble, one read
