@@ -23,6 +23,8 @@ pub struct ReceivedPush {
     pub node: String,
     pub index_digest: String,
     pub plan_len: usize,
+    /// The request said the controller has learned the image.
+    pub learning_complete: bool,
     pub at: Instant,
 }
 
@@ -154,6 +156,7 @@ impl AgentApi for FakeAgents {
                 node: node.to_string(),
                 index_digest: request.index_digest.clone(),
                 plan_len: request.plan.len(),
+                learning_complete: request.learning_complete,
                 at: Instant::now(),
             });
             let digest = request.index_digest;

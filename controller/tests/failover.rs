@@ -217,11 +217,15 @@ fn seed_fake(api: &FakeApi) -> String {
 }
 
 /// When the plan reached the node's agent through `standby`'s connections.
+/// The seeded status has learned all its starts, so the push tells the agent
+/// to stop tracing the image (`learning_complete`).
 fn plan_pushed_by(standby: &Replica, digest: &str) -> Instant {
     let pushes = standby.fake_agents().pushes();
     pushes
         .iter()
-        .find(|p| p.node == NODE && p.index_digest == digest && p.plan_len > 0)
+        .find(|p| {
+            p.node == NODE && p.index_digest == digest && p.plan_len > 0 && p.learning_complete
+        })
         .map(|p| p.at)
         .unwrap_or_else(|| {
             panic!("the plan never reached the agent through the standby: {pushes:?}")
