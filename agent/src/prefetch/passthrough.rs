@@ -11,7 +11,9 @@
 //! 1. the multi-chunk files the plan reads are taken in plan order (by their
 //!    first planned chunk), as long as the chunks they lack fit in
 //!    `max_extra_bytes` (uncompressed) and the files fit in the image's assembly
-//!    bound;
+//!    bound. A file the plan holds less than a quarter of is left out: its start
+//!    reads too little of it (the head of a large data file, say) for fetching
+//!    and copying the rest to pay off;
 //! 2. the chunks they lack are fetched, verified and cached like the plan's;
 //! 3. their backing files are assembled, so their first open passes through.
 //!
@@ -29,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::execute::{Outcome, Progress, warm};
+
+/// A file is completed only if the plan holds at least 1/this of its bytes.
+const MIN_PLANNED_SHARE: u64 = 4;
 
 /// How to prepare a plan's files for passthrough.
 #[derive(Clone, Debug)]
@@ -166,6 +171,14 @@ fn choose_files(
     let mut taken = HashSet::new();
     for (_, id) in in_plan {
         let size = index.inode(id).map_or(0, |i| i.size);
+        let planned_bytes: u64 = index
+            .file_chunks(id)
+            .filter(|p| rank.contains_key(&p.chunk))
+            .map(|p| u64::from(p.len))
+            .sum();
+        if planned_bytes.saturating_mul(MIN_PLANNED_SHARE) < size {
+            continue;
+        }
         let mut counted = HashSet::new();
         let lacking: Vec<ChunkLocation> = index
             .file_chunks(id)
