@@ -173,8 +173,11 @@ impl Plan {
                 .checked_add(delta)
                 .filter(|s| *s >= 0)
                 .ok_or_else(|| bad("position out of range"))?;
-            let end = start
-                .checked_add(len as i64)
+            // A run length past i64::MAX would turn negative (and make the count
+            // below overflow): it is as out of range as any end past u32::MAX + 1.
+            let end = i64::try_from(len)
+                .ok()
+                .and_then(|len| start.checked_add(len))
                 .filter(|e| *e <= u32::MAX as i64 + 1)
                 .ok_or_else(|| bad("position out of range"))?;
             if chunks.len() as u64 + len > MAX_PLAN_CHUNKS as u64 {
@@ -321,6 +324,20 @@ mod tests {
         assert!(bytes.len() < 200, "{} bytes", bytes.len());
         assert_eq!(Plan::decode(&bytes).unwrap(), plan);
         assert!(Plan::decode(b"junk").is_err());
+    }
+
+    /// Found by the `plan_decode` fuzz target: a run of 2^64 - 1 chunks was read as
+    /// a negative length and overflowed the chunk count.
+    #[test]
+    fn a_run_length_past_i64_max_is_out_of_range() {
+        let mut raw = PLAN_MAGIC.to_vec();
+        raw.extend_from_slice(&[0; 32]);
+        put_varint(&mut raw, 1); // one run
+        put_varint(&mut raw, zigzag(0)); // starting at chunk 0
+        put_varint(&mut raw, u64::MAX); // of 2^64 - 1 chunks
+        let bytes = zstd::bulk::compress(&raw, 1).unwrap();
+        let error = Plan::decode(&bytes).unwrap_err().to_string();
+        assert!(error.contains("position out of range"), "{error}");
     }
 
     #[test]
