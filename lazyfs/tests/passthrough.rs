@@ -47,6 +47,23 @@ fn image() -> TestImage {
     b.finish()
 }
 
+/// Reads file `name` (`path` in the image) whole and checks its bytes, that its
+/// open passed through and that no read reached the filesystem.
+fn read_through_passthrough(mounted: &Mounted, image: &TestImage, path: &[u8], name: &str) {
+    let before = mounted.handle.counters();
+    assert!(
+        read_all(&mounted.path(name)) == image.content(path),
+        "{name} via passthrough"
+    );
+    let after = mounted.handle.counters();
+    assert_eq!(
+        after.passthrough_opens,
+        before.passthrough_opens + 1,
+        "{name}: passed through"
+    );
+    assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
+}
+
 fn read_all(path: &std::path::Path) -> Vec<u8> {
     let mut out = Vec::new();
     File::open(path).unwrap().read_to_end(&mut out).unwrap();
@@ -102,18 +119,7 @@ fn fully_cached_files_are_read_through_passthrough_without_fuse_reads() {
                 counters().assembled_files > before.assembled_files
             });
         assert!(assembled, "{name} was assembled");
-        let before = counters();
-        assert!(
-            read_all(&mounted.path(name)) == image.content(path),
-            "{name} via passthrough"
-        );
-        let after = counters();
-        assert_eq!(
-            after.passthrough_opens,
-            before.passthrough_opens + 1,
-            "{name}"
-        );
-        assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
+        read_through_passthrough(&mounted, &image, path, name);
     }
     let files: Vec<_> = std::fs::read_dir(assembly_dir.path().join("files"))
         .unwrap()
@@ -299,22 +305,13 @@ fn files_assembled_before_the_mount_pass_through_at_their_first_open() {
         );
         return;
     }
-    let counters = || mounted.handle.counters();
     for (path, name) in [(&b"multi"[..], "multi"), (b"holes", "holes")] {
-        let before = counters();
-        assert!(
-            read_all(&mounted.path(name)) == image.content(path),
-            "{name} via passthrough"
-        );
-        let after = counters();
+        // Its first open passes through, and it is not assembled again.
+        let before = mounted.handle.counters();
+        read_through_passthrough(&mounted, &image, path, name);
         assert_eq!(
-            after.passthrough_opens,
-            before.passthrough_opens + 1,
-            "{name}: its first open passes through"
-        );
-        assert_eq!(after.reads, before.reads, "{name}: no FUSE read");
-        assert_eq!(
-            after.assembled_files, before.assembled_files,
+            mounted.handle.counters().assembled_files,
+            before.assembled_files,
             "{name}: not assembled again"
         );
     }
