@@ -1,5 +1,5 @@
 # Stoker: build, test and lint the workspace. Every target is non-interactive (CI runs
-# `.ci/run`, which runs `make test`).
+# `.ci/run`, which runs `make test`, then `make fuzz-smoke`).
 #
 #   make deps        install the Debian packages tests run against (idempotent)
 #   make build       build every crate and target
@@ -78,7 +78,7 @@ demo: deps
 	./target/release/stoker-bench --sections demo --quick --out "$${TMPDIR:-/tmp}/stoker-demo.md"
 
 # cargo-fuzz on the stable toolchain: RUSTC_BOOTSTRAP=1 lets rustc take -Zsanitizer=address.
-# Each target replays its committed corpus, then runs a fixed number of inputs (about 25 s
+# Each target replays its committed corpus, then runs a fixed number of inputs (10–15 s
 # each on one core; FUZZ_RUNS overrides them all) from libFuzzer seed FUZZ_SEED, with its
 # own extra flags. New inputs go to fuzz/target/smoke/, so fuzz/corpus stays as committed.
 # The index decoder bounds its allocations by its input: 4 KiB inputs must stay under 64 MB.
