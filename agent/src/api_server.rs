@@ -126,7 +126,8 @@ impl Agent for AgentService {
             Plan::decode(&r.plan).map_err(|e| Status::invalid_argument(format!("plan: {e}")))?;
         debug!(image = %r.image_ref, index = %index_digest, learning_complete = r.learning_complete, "Prefetch");
         if r.learning_complete {
-            self.traces.stop_learning(index_digest);
+            self.traces
+                .stop_learning(index_digest, plan.chunks.clone().into());
         }
         let progress = self
             .prefetches

@@ -109,6 +109,25 @@ impl RegistryLazyMounter {
         }
     }
 
+    /// Starts reading into the page cache, on a thread of its own, the local
+    /// files a start of the image `index_digest` will read the chunks of `plan`
+    /// from (in plan order; see [`stoker_lazyfs::warm_page_cache`]), so that
+    /// the start's reads find them in memory.
+    pub fn warm_page_cache(&self, index: Arc<Index>, index_digest: Digest, plan: Arc<[u32]>) {
+        let cache = self.cache.clone();
+        let assembly = self.assembly.as_ref().map(|a| a.options_for(&index_digest));
+        let spawned = std::thread::Builder::new()
+            .name("stoker-warm-pages".into())
+            .spawn(move || {
+                let bytes =
+                    stoker_lazyfs::warm_page_cache(&index, &cache, assembly.as_ref(), &plan);
+                tracing::debug!(index = %index_digest, bytes, "plan's files asked into the page cache");
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start reading the plan's files into the page cache");
+        }
+    }
+
     /// Lets mounts pass multi-chunk files through from backing files assembled
     /// in `assembly` (see [`crate::assembly`]).
     pub fn with_assembly(mut self, assembly: Option<Assembly>) -> RegistryLazyMounter {

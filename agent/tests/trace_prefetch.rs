@@ -1193,6 +1193,29 @@ async fn the_unix_socket_api_streams_progress_and_serves_traces() {
             .all(|w| w[0].chunks_done <= w[1].chunks_done)
     );
 
+    assert!(
+        traces.learned_plan(&image.digest).is_none(),
+        "still learning: the image's starts are traced"
+    );
+    // The controller has learned the image: its starts are no longer traced,
+    // and the agent keeps the plan to read its files into the page cache.
+    let mut stream = client
+        .prefetch(Wire {
+            image_ref: IMAGE_REF.into(),
+            index_digest: image.digest.to_string(),
+            plan: plan.encode().unwrap(),
+            background_rest: false,
+            learning_complete: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert_eq!(
+        traces.learned_plan(&image.digest).as_deref(),
+        Some(&plan.chunks[..])
+    );
+
     let status = client.status(StatusRequest {}).await.unwrap().into_inner();
     assert!(status.cache_used_bytes >= image.bytes_of(&plan.chunks));
     assert_eq!(status.cache_limit_bytes, 1 << 30);

@@ -106,7 +106,9 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
 pub use metrics::FsCounters;
 pub use mount::{MountHandle, MountOptions, unmount};
-pub use passthrough::{AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files};
+pub use passthrough::{
+    AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files, warm_page_cache,
+};
 pub use trace::ChunkAccess;
 
 /// Everything that can go wrong mounting or unmounting.

@@ -845,6 +845,88 @@ impl AssemblerShared {
 
 /// Checks an assembled file against the index: its size, every piece's sha256,
 /// and zeros in the holes.
+/// Asks the kernel to read into the page cache, in the order of `chunks` (chunk
+/// positions in `index`, e.g. a prefetch plan), the local files a start of the
+/// image will read those chunks from: the range of an assembled backing file
+/// (in `assembly`, written or verified by this process) for a multi-chunk file,
+/// the chunk file otherwise. For a start on a warmed node, so that its reads
+/// find the bytes in memory instead of waiting on the disk one file at a time.
+/// Asynchronous (`POSIX_FADV_WILLNEED`): returns once the reads are queued, with
+/// the bytes asked for. Files that are gone are skipped.
+pub fn warm_page_cache(
+    index: &Index,
+    cache: &ChunkCache,
+    assembly: Option<&AssemblyOptions>,
+    chunks: &[u32],
+) -> u64 {
+    // Which files use each wanted chunk, and where.
+    let wanted: HashSet<u32> = chunks.iter().copied().collect();
+    let mut users: HashMap<u32, Vec<(InodeId, u64, u32)>> = HashMap::new();
+    for id in 0..index.inode_count() {
+        if !index.inode(id).is_some_and(|i| i.kind == FileKind::File) {
+            continue;
+        }
+        for piece in index.file_chunks(id) {
+            if wanted.contains(&piece.chunk) {
+                users
+                    .entry(piece.chunk)
+                    .or_default()
+                    .push((id, piece.file_offset, piece.len));
+            }
+        }
+    }
+    let mut assembled: HashMap<InodeId, Option<File>> = HashMap::new();
+    let mut chunk_files_done = HashSet::new();
+    let mut bytes = 0u64;
+    let advise = |file: &File, offset: u64, len: u64| {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return false;
+        };
+        nix::fcntl::posix_fadvise(
+            file,
+            offset,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .is_ok()
+    };
+    for &chunk in chunks {
+        let Some(loc) = index.chunk(chunk) else {
+            continue;
+        };
+        for &(id, offset, len) in users.get(&chunk).into_iter().flatten() {
+            let backing = assembly
+                .filter(|_| whole_chunk(index, id).is_none())
+                .and_then(|a| {
+                    assembled
+                        .entry(id)
+                        .or_insert_with(|| {
+                            let (key, _) = content_key(index, id)?;
+                            let path = a.dir.join(key.hex());
+                            if !a.verified.contains(&path) {
+                                return None;
+                            }
+                            File::open(path).ok()
+                        })
+                        .as_ref()
+                });
+            match backing {
+                Some(file) if advise(file, offset, u64::from(len)) => bytes += u64::from(len),
+                Some(_) => {}
+                None if chunk_files_done.insert(loc.digest) => {
+                    if let Ok(file) = File::open(cache.chunk_path(&loc.digest))
+                        && advise(&file, 0, u64::from(loc.uncompressed_len))
+                    {
+                        bytes += u64::from(loc.uncompressed_len);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    bytes
+}
+
 /// Writes regular file `id` of `index` from its cached chunks into a temporary
 /// file in `dir`, then renames it to `path`. Holes are left as holes (they read
 /// as zeros).

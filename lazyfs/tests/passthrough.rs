@@ -11,6 +11,7 @@ use common::*;
 use stoker_format::Tree;
 use stoker_lazyfs::{
     AssemblyOptions, AssemblyReport, MountOptions, VerifiedAssemblies, assemble_files,
+    warm_page_cache,
 };
 
 fn image() -> TestImage {
@@ -324,4 +325,104 @@ fn files_assembled_before_the_mount_pass_through_at_their_first_open() {
     )
     .unwrap();
     assert_eq!((again.assembled, again.present), (0, 2), "{again:?}");
+}
+
+#[test]
+fn warming_the_page_cache_reads_the_assembled_and_chunk_files_a_start_will_use() {
+    let test = "warming_the_page_cache_reads_the_assembled_and_chunk_files_a_start_will_use";
+    if !stoker_testkit::require_tool(test, "fincore") {
+        return;
+    }
+    let image = image();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = stoker_cache::ChunkCache::open(cache_dir.path(), 1 << 30).unwrap();
+    for path in [&b"one"[..], b"multi", b"cold"] {
+        image.warm(&cache, path);
+    }
+    let assembly = AssemblyOptions {
+        dir: cache_dir.path().join("assembled"),
+        max_bytes: 64 << 20,
+        verified: VerifiedAssemblies::default(),
+    };
+    let ids: Vec<_> = [&b"one"[..], b"multi", b"cold"]
+        .iter()
+        .map(|path| image.index.resolve(path).unwrap())
+        .collect();
+    let report = assemble_files(&image.index, &cache, &assembly, ids.iter().copied()).unwrap();
+    assert_eq!(report.assembled, 1, "multi: {report:?}");
+    let assembled_multi = std::fs::read_dir(&assembly.dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .next()
+        .unwrap();
+    let chunk_file = |path: &[u8]| {
+        let id = image.index.resolve(path).unwrap();
+        let chunk = image.index.file_chunks(id).next().unwrap().chunk;
+        cache.chunk_path(&image.index.chunk(chunk).unwrap().digest)
+    };
+    let (one, cold) = (chunk_file(b"one"), chunk_file(b"cold"));
+    let files = [&assembled_multi, &one, &cold];
+    for path in files {
+        evict_from_page_cache(path);
+        assert_eq!(
+            resident_bytes(path),
+            0,
+            "{} left the page cache",
+            path.display()
+        );
+    }
+
+    // A start that will read `one` and `multi`, not `cold`.
+    let planned: Vec<u32> = [&b"multi"[..], b"one"]
+        .iter()
+        .flat_map(|path| {
+            let id = image.index.resolve(path).unwrap();
+            image
+                .index
+                .file_chunks(id)
+                .map(|piece| piece.chunk)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let bytes = warm_page_cache(&image.index, &cache, Some(&assembly), &planned);
+    assert_eq!(
+        bytes,
+        (5 * 65536 + 99) + 100_000,
+        "multi's range and one's chunk"
+    );
+    for path in [&assembled_multi, &one] {
+        let resident =
+            stoker_testkit::wait_until(Duration::from_secs(30), Duration::from_millis(10), || {
+                resident_bytes(path) > 0
+            });
+        assert!(resident, "{} read into the page cache", path.display());
+    }
+    assert_eq!(resident_bytes(&cold), 0, "cold is not part of the start");
+}
+
+/// Writes `path` back and drops its pages from the page cache.
+fn evict_from_page_cache(path: &std::path::Path) {
+    let file = File::open(path).unwrap();
+    file.sync_all().unwrap();
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+/// Bytes of `path` in the page cache, from util-linux's `fincore`.
+fn resident_bytes(path: &std::path::Path) -> u64 {
+    let output = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "fincore: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
 }

@@ -33,7 +33,7 @@ mod mount_hook;
 mod recorder;
 mod store;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
@@ -118,10 +118,11 @@ pub struct Traces {
     shared: Arc<Shared>,
     options: TraceOptions,
     sequence: AtomicU64,
-    /// Indexes whose starts are no longer traced: the controller has learned
-    /// what it wants from them (`PrefetchRequest.learning_complete`). In memory:
-    /// after an agent restart, the next start is traced again.
-    learned: Mutex<HashSet<Digest>>,
+    /// Indexes whose starts are no longer traced, with the chunks of their plan
+    /// in order: the controller has learned what it wants from them
+    /// (`PrefetchRequest.learning_complete`). In memory: after an agent
+    /// restart, the next start is traced again.
+    learned: Mutex<HashMap<Digest, Arc<[u32]>>>,
 }
 
 struct Shared {
@@ -175,7 +176,7 @@ impl Traces {
             }),
             options,
             sequence: AtomicU64::new(0),
-            learned: Mutex::new(HashSet::new()),
+            learned: Mutex::new(HashMap::new()),
         };
         traces.shared.evict(&mut traces.shared.lock());
         Ok(traces)
@@ -185,20 +186,23 @@ impl Traces {
         &self.options
     }
 
-    /// From now on, starts of `index_digest` are not traced.
-    pub fn stop_learning(&self, index_digest: Digest) {
+    /// From now on, starts of `index_digest` are not traced; `plan` is what
+    /// they read (the chunks of the image's plan, in order).
+    pub fn stop_learning(&self, index_digest: Digest, plan: Arc<[u32]>) {
         self.learned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(index_digest);
+            .insert(index_digest, plan);
     }
 
-    /// True if starts of `index_digest` are no longer traced ([`Traces::stop_learning`]).
-    pub fn is_learned(&self, index_digest: &Digest) -> bool {
+    /// The plan of `index_digest` if its starts are no longer traced
+    /// ([`Traces::stop_learning`]).
+    pub fn learned_plan(&self, index_digest: &Digest) -> Option<Arc<[u32]>> {
         self.learned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(index_digest)
+            .get(index_digest)
+            .cloned()
     }
 
     /// Opens a startup window for `subject` now. The returned sender goes to the

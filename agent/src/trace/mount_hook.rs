@@ -11,7 +11,9 @@
 //! containers that started long ago. The recording ends when its window closes,
 //! on `ContainerReady` for the container that claimed it, or when the image is
 //! unmounted (the mount's sender goes away). Images the controller has learned
-//! enough starts of ([`Traces::stop_learning`]) are not traced.
+//! enough starts of ([`Traces::stop_learning`]) are not traced; instead, the
+//! files their plan reads are read into the page cache ahead of the start
+//! ([`RegistryLazyMounter::warm_page_cache`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -57,9 +59,12 @@ impl TracingMounter {
             image: image.image_ref.clone(),
             message: format!("index digest: {e}"),
         })?;
-        if self.traces.is_learned(&index_digest) {
-            // Untraced, every file whose bytes are local can pass through.
+        if let Some(plan) = self.traces.learned_plan(&index_digest) {
+            // Untraced, every file whose bytes are local can pass through; what
+            // the start will read goes into the page cache ahead of it.
             debug!(image = %image.image_ref, "no startup trace: the controller has learned this image");
+            self.inner
+                .warm_page_cache(Arc::clone(&mounted.index), index_digest, plan);
             return Ok(());
         }
         let started = self.traces.record(TraceSubject {
