@@ -171,17 +171,7 @@ fn a_read_waiting_on_a_killed_server_is_answered_by_the_resumed_mount() {
             .spawn()
             .expect("start the serving child"),
     );
-    let mut lines = BufReader::new(child.0.stdout.take().expect("child stdout")).lines();
-    let mut next_line = |what: &str| loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("the child exited before {what}"))
-            .expect("read child output");
-        // The test harness may have started the line.
-        if let Some((_, rest)) = line.split_once(&format!("child: {what}")) {
-            return rest.trim().to_string();
-        }
-    };
+    let mut next_line = child_reports(child.0.stdout.take().expect("child stdout"));
     let fd: i32 = next_line("fd").parse().expect("descriptor number");
     let kept = take_descriptor(child.0.id(), fd);
 
@@ -283,16 +273,7 @@ fn files_open_across_a_crash_are_opened_again_in_their_mode_after_resume() {
             .expect("start the serving child"),
     );
     let mut ask = child.0.stdin.take().expect("child stdin");
-    let mut lines = BufReader::new(child.0.stdout.take().expect("child stdout")).lines();
-    let mut next_line = |what: &str| loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("the child exited before {what}"))
-            .expect("read child output");
-        if let Some((_, rest)) = line.split_once(&format!("child: {what}")) {
-            return rest.trim().to_string();
-        }
-    };
+    let mut next_line = child_reports(child.0.stdout.take().expect("child stdout"));
     let fd: i32 = next_line("fd").parse().expect("descriptor number");
     let kept = take_descriptor(child.0.id(), fd);
     let mut child_passthrough_opens = || {
@@ -430,4 +411,20 @@ fn when_the_open_state_cannot_be_written_it_is_deleted_and_new_files_are_not_pas
         1,
         "fresh is not passed through"
     );
+}
+
+/// Reads the serving child's reports: each call returns what follows
+/// `child: WHAT` on the next line that has it (the test harness may have
+/// started the line), and panics if the child exits first.
+fn child_reports(stdout: std::process::ChildStdout) -> impl FnMut(&str) -> String {
+    let mut lines = BufReader::new(stdout).lines();
+    move |what: &str| loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the child exited before {what}"))
+            .expect("read child output");
+        if let Some((_, rest)) = line.split_once(&format!("child: {what}")) {
+            return rest.trim().to_string();
+        }
+    }
 }
