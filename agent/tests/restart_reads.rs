@@ -35,6 +35,35 @@ const READ_LOOP: &str = r#"while :; do
   fi
 done >>/out/log 2>&1"#;
 
+/// `ctr run -d` of `image` as container `name` through the Stoker snapshotter,
+/// running `sh -c script` with `out` bound at `/out`.
+fn run_detached(
+    containerd: &TestContainerd,
+    out: &Path,
+    image: &str,
+    name: &str,
+    script: &str,
+) -> Result<String, stoker_testkit::TestkitError> {
+    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
+    containerd.ctr(
+        CRI_NAMESPACE,
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "stoker",
+            "--net-host",
+            "--mount",
+            &bind,
+            image,
+            name,
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+}
+
 fn log_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -85,28 +114,10 @@ impl Env {
         let out = dir.path().join("out");
         std::fs::create_dir(&out).expect("out dir");
         let log = out.join("log");
-        let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
         // runc's state directory is shared by every containerd on the machine: a name
         // of our own, removed at the end.
         let reader = format!("{tag}-reader-{}", std::process::id());
-        containerd
-            .ctr(
-                CRI_NAMESPACE,
-                &[
-                    "run",
-                    "-d",
-                    "--snapshotter",
-                    "stoker",
-                    "--net-host",
-                    "--mount",
-                    &bind,
-                    &image,
-                    &reader,
-                    "sh",
-                    "-c",
-                    READ_LOOP,
-                ],
-            )
+        run_detached(&containerd, &out, &image, &reader, READ_LOOP)
             .unwrap_or_else(|e| panic!("start the reader: {e}\nagent log:\n{}", agent.log_text()));
         assert!(
             wait_until(DEADLINE, POLL, || {
@@ -329,32 +340,13 @@ fn files_held_open_with_passthrough_across_a_worker_restart_can_be_opened_again(
     // are cached, so new opens of them pass through.
     let env = Env::start("holdopen");
     let out = env.log.parent().expect("out dir").to_path_buf();
-    let bind = format!("type=bind,src={},dst=/out,options=rbind:rw", out.display());
     let holder = format!("holdopen-holder-{}", std::process::id());
-    env.containerd
-        .ctr(
-            CRI_NAMESPACE,
-            &[
-                "run",
-                "-d",
-                "--snapshotter",
-                "stoker",
-                "--net-host",
-                "--mount",
-                &bind,
-                &env.image,
-                &holder,
-                "sh",
-                "-c",
-                HOLD_OPEN,
-            ],
+    run_detached(&env.containerd, &out, &env.image, &holder, HOLD_OPEN).unwrap_or_else(|e| {
+        panic!(
+            "start the holder: {e}\nagent log:\n{}",
+            env.agent.log_text()
         )
-        .unwrap_or_else(|e| {
-            panic!(
-                "start the holder: {e}\nagent log:\n{}",
-                env.agent.log_text()
-            )
-        });
+    });
     let remove_holder = || {
         for args in [
             &["task", "kill", "-s", "SIGKILL", &holder][..],
