@@ -167,20 +167,7 @@ pub fn table(result: &DemoResult) -> Section {
     );
     for run in result.runs() {
         if let Some(c) = &run.agent_counters {
-            let ops: Vec<String> = c
-                .fuse_ops
-                .iter()
-                .map(|(op, count, seconds)| format!("{op} {count} in {:.0} ms", seconds * 1e3))
-                .collect();
-            section.note(format!(
-                "{}: the agent answered {} FUSE reads; {} files were opened with FUSE passthrough \
-                 (read by the kernel from the chunk cache, not through the agent). Time the agent \
-                 spent answering FUSE operations: {}.",
-                run.name,
-                c.fuse_reads,
-                c.passthrough_opens,
-                ops.join(", ")
-            ));
+            section.note(describe_agent_counters(run.name, c));
         }
     }
     section.note(
@@ -469,34 +456,9 @@ impl StokerNode {
         })
     }
 
-    /// The agent's FUSE counters, from its `/metrics`; `None` if it cannot be read
-    /// (the report then leaves them out).
+    /// The agent's FUSE counters (see [`agent_counters`]).
     fn agent_counters(&self) -> Option<AgentCounters> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(&self.metrics_addr).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.metrics_addr
-        )
-        .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        let sum = |name: &str, label: Option<&str>| -> f64 {
-            text.lines()
-                .filter(|line| line.starts_with(name))
-                .filter(|line| label.is_none_or(|l| line.contains(l)))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        };
-        Some(AgentCounters {
-            passthrough_opens: sum("stoker_fuse_passthrough_opens_total", None) as u64,
-            fuse_reads: sum("stoker_fuse_operations_total", Some("op=\"read\"")) as u64,
-            fuse_ops: fuse_op_times(&text),
-        })
+        agent_counters(&self.metrics_addr)
     }
 
     /// CRI pull (through the Stoker snapshotter) and `ctr run`, measured.
@@ -527,6 +489,52 @@ impl StokerNode {
             agent_counters: self.agent_counters(),
         })
     }
+}
+
+/// The FUSE counters of the agent whose Prometheus endpoint is `metrics_addr`;
+/// `None` if they cannot be read (a report then leaves them out).
+pub(crate) fn agent_counters(metrics_addr: &str) -> Option<AgentCounters> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(metrics_addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.0\r\nHost: {metrics_addr}\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let sum = |name: &str, label: Option<&str>| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name))
+            .filter(|line| label.is_none_or(|l| line.contains(l)))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    Some(AgentCounters {
+        passthrough_opens: sum("stoker_fuse_passthrough_opens_total", None) as u64,
+        fuse_reads: sum("stoker_fuse_operations_total", Some("op=\"read\"")) as u64,
+        fuse_ops: fuse_op_times(&text),
+    })
+}
+
+/// One line for a report: what the agent answered during a start.
+pub(crate) fn describe_agent_counters(name: &str, c: &AgentCounters) -> String {
+    let ops: Vec<String> = c
+        .fuse_ops
+        .iter()
+        .map(|(op, count, seconds)| format!("{op} {count} in {:.0} ms", seconds * 1e3))
+        .collect();
+    format!(
+        "{name}: the agent answered {} FUSE reads; {} files were opened with FUSE passthrough \
+         (read by the kernel from the chunk cache, not through the agent). Time the agent \
+         spent answering FUSE operations: {}.",
+        c.fuse_reads,
+        c.passthrough_opens,
+        ops.join(", ")
+    )
 }
 
 /// Per FUSE operation, from Prometheus text: how many the agent answered and the

@@ -36,7 +36,8 @@ use stoker_registry::{RegistryClient, RegistryConfig};
 use stoker_testkit::containerd::{AgentProcess, TestContainerd, unix_channel, workspace_binary};
 
 use crate::demo::{
-    check_machine, collect_trace, drop_caches, pull_into_overlayfs, push_plan, run_container,
+    AgentCounters, agent_counters, check_machine, collect_trace, describe_agent_counters,
+    drop_caches, pull_into_overlayfs, push_plan, run_container,
 };
 use crate::report::{Section, mb};
 use link::{NetnsRegistry, ThrottledLink};
@@ -61,6 +62,8 @@ struct Start {
     /// Blob bytes and GETs served from the pull to the container's exit.
     bytes_during: u64,
     gets_during: usize,
+    /// For a Stoker start, what its agent answered (its `/metrics`).
+    agent_counters: Option<AgentCounters>,
 }
 
 struct Headline {
@@ -185,6 +188,11 @@ fn table(h: &Headline) -> Section {
          `ContainerReady` once the container printed its line (240 s at most), so the \
          trace covers the start.",
     );
+    for start in &h.starts {
+        if let Some(counters) = &start.agent_counters {
+            section.note(describe_agent_counters(start.name, counters));
+        }
+    }
     section.note(
         "Machine: 2 cores shared with other jobs (builds) during the run: times vary between runs.",
     );
@@ -275,6 +283,7 @@ fn measure(rt: &tokio::runtime::Handle) -> anyhow::Result<Headline> {
             prefetch: None,
             bytes_during: registry.blob_bytes(),
             gets_during: registry.blob_requests(),
+            agent_counters: None,
         });
         eprintln!("headline: (5) local floor: ctr run of the unpacked image");
         drop_caches();
@@ -291,6 +300,7 @@ fn measure(rt: &tokio::runtime::Handle) -> anyhow::Result<Headline> {
             prefetch: None,
             bytes_during: registry.blob_bytes(),
             gets_during: registry.blob_requests(),
+            agent_counters: None,
         });
     }
 
@@ -447,6 +457,8 @@ struct Node {
     // containerd goes first (its containers and rootfs mounts), then the agent.
     containerd: TestContainerd,
     agent: Option<AgentProcess>,
+    /// The agent's Prometheus endpoint.
+    metrics_addr: Option<String>,
 }
 
 impl Node {
@@ -455,6 +467,7 @@ impl Node {
         Ok(Node {
             containerd: TestContainerd::start(&dir.join("no-snapshotter.sock"))?,
             agent: None,
+            metrics_addr: None,
         })
     }
 
@@ -469,12 +482,15 @@ impl Node {
         // The production log level: testkit's default (debug) logs every HTTP
         // request of the fetch path, which costs the measured starts CPU.
         env.push(("STOKER_LOG", "info".to_string()));
+        let metrics_addr = format!("127.0.0.1:{}", stoker_testkit::free_port()?);
+        env.push(("STOKER_METRICS_LISTEN", metrics_addr.clone()));
         let agent = AgentProcess::start(binary, state, &env).context("starting stoker-agent")?;
         let containerd = TestContainerd::start(&agent.snapshotter_socket())?;
         containerd.allow_plain_http(&registry.host())?;
         Ok(Node {
             containerd,
             agent: Some(agent),
+            metrics_addr: Some(metrics_addr),
         })
     }
 
@@ -538,6 +554,7 @@ impl Node {
             prefetch,
             bytes_during: registry.blob_bytes(),
             gets_during: registry.blob_requests(),
+            agent_counters: self.metrics_addr.as_deref().and_then(agent_counters),
         })
     }
 
