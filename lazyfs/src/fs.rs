@@ -341,6 +341,7 @@ impl Filesystem for LazyFs {
             // An open answered by an earlier process of this mount.
             self.shared.passthrough.release(id);
         }
+        self.shared.metrics.release_done();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {

@@ -92,6 +92,9 @@ pub struct FsCounters {
     pub refused_writes: u64,
     /// Per-file backing files assembled for passthrough of multi-chunk files.
     pub assembled_files: u64,
+    /// Releases of opens whose accounting is done: the file's open mode
+    /// ([passthrough](crate::MountOptions::passthrough) or not) reflects them.
+    pub releases: u64,
     /// First-access events that could not be delivered because the trace channel was full.
     pub trace_dropped: u64,
     /// Every FUSE operation answered, any kind.
@@ -111,6 +114,7 @@ struct Atomics {
     readahead_chunks: AtomicU64,
     refused_writes: AtomicU64,
     assembled_files: AtomicU64,
+    releases: AtomicU64,
     trace_dropped: AtomicU64,
     operations: AtomicU64,
 }
@@ -196,6 +200,7 @@ impl Metrics {
             readahead_chunks: load(&s.readahead_chunks),
             refused_writes: load(&s.refused_writes),
             assembled_files: load(&s.assembled_files),
+            releases: load(&s.releases),
             trace_dropped: load(&s.trace_dropped),
             operations: load(&s.operations),
         }
@@ -222,6 +227,10 @@ impl Metrics {
         self.stats
             .readahead_chunks
             .fetch_add(chunks as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn release_done(&self) {
+        self.stats.releases.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn file_assembled(&self) {
