@@ -1168,17 +1168,14 @@ async fn the_unix_socket_api_streams_progress_and_serves_traces() {
 
     // Prefetch through the API: progress until DONE.
     let plan = image.plan(image.chunks_of("x"));
-    let mut stream = client
-        .prefetch(Wire {
-            image_ref: IMAGE_REF.into(),
-            index_digest: image.digest.to_string(),
-            plan: plan.encode().unwrap(),
-            background_rest: false,
-            learning_complete: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let request = |learning_complete| Wire {
+        image_ref: IMAGE_REF.into(),
+        index_digest: image.digest.to_string(),
+        plan: plan.encode().unwrap(),
+        background_rest: false,
+        learning_complete,
+    };
+    let mut stream = client.prefetch(request(false)).await.unwrap().into_inner();
     let mut messages = Vec::new();
     while let Some(message) = stream.message().await.unwrap() {
         messages.push(message);
@@ -1199,17 +1196,7 @@ async fn the_unix_socket_api_streams_progress_and_serves_traces() {
     );
     // The controller has learned the image: its starts are no longer traced,
     // and the agent keeps the plan to read its files into the page cache.
-    let mut stream = client
-        .prefetch(Wire {
-            image_ref: IMAGE_REF.into(),
-            index_digest: image.digest.to_string(),
-            plan: plan.encode().unwrap(),
-            background_rest: false,
-            learning_complete: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.prefetch(request(true)).await.unwrap().into_inner();
     while stream.message().await.unwrap().is_some() {}
     assert_eq!(
         traces.learned_plan(&image.digest).as_deref(),

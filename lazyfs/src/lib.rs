@@ -107,7 +107,8 @@ use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 pub use metrics::FsCounters;
 pub use mount::{MountHandle, MountOptions, unmount};
 pub use passthrough::{
-    AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files, warm_page_cache,
+    AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files, needs_assembly,
+    warm_page_cache,
 };
 pub use trace::ChunkAccess;
 

@@ -137,10 +137,7 @@ pub fn assemble_files(
     let mut bytes = 0u64;
     let mut seen = HashSet::new();
     for id in ids {
-        let regular = index
-            .inode(id)
-            .is_some_and(|i| i.kind == FileKind::File && i.size > 0);
-        if !regular || whole_chunk(index, id).is_some() {
+        if !needs_assembly(index, id) {
             continue;
         }
         let Some((key, size)) = content_key(index, id) else {
@@ -155,11 +152,7 @@ pub fn assemble_files(
             bytes += size;
             continue;
         }
-        let all_cached = index
-            .file_chunks(id)
-            .filter_map(|piece| index.chunk(piece.chunk))
-            .all(|loc| cache.contains(&loc.digest));
-        if !all_cached || bytes + size > options.max_bytes {
+        if !all_chunks_cached(index, cache, id) || bytes + size > options.max_bytes {
             report.skipped += 1;
             continue;
         }
@@ -502,6 +495,23 @@ fn traced_chunk_source(
     Some(BackingSource::Chunk(cached))
 }
 
+/// True if regular file `id` needs an assembled backing file to pass through:
+/// it is not empty and not exactly one chunk (whose chunk file serves).
+pub fn needs_assembly(index: &Index, id: InodeId) -> bool {
+    index
+        .inode(id)
+        .is_some_and(|i| i.kind == FileKind::File && i.size > 0)
+        && whole_chunk(index, id).is_none()
+}
+
+/// True if every chunk of file `id` is in `cache` (no I/O).
+fn all_chunks_cached(index: &Index, cache: &ChunkCache, id: InodeId) -> bool {
+    index
+        .file_chunks(id)
+        .filter_map(|piece| index.chunk(piece.chunk))
+        .all(|loc| cache.contains(&loc.digest))
+}
+
 /// The chunk of regular file `id` if the file is exactly that one chunk: a
 /// non-empty file with one piece at offset 0 covering its whole size.
 fn whole_chunk(index: &Index, id: InodeId) -> Option<u32> {
@@ -725,11 +735,7 @@ impl Assembler {
                         shared: Arc::clone(shared),
                     });
                 }
-                let all_cached = index
-                    .file_chunks(id)
-                    .filter_map(|piece| index.chunk(piece.chunk))
-                    .all(|loc| cache.contains(&loc.digest));
-                if !all_cached {
+                if !all_chunks_cached(index, cache, id) {
                     return None;
                 }
                 Job {
@@ -812,6 +818,7 @@ impl AssemblerShared {
         }
     }
 
+    /// Picks least recently used files not in use until the total fits.
     fn evict(&self, files: &mut Files) -> Vec<Digest> {
         let mut victims = Vec::new();
         while files.bytes > self.max_bytes {
@@ -896,7 +903,7 @@ pub fn warm_page_cache(
         };
         for &(id, offset, len) in users.get(&chunk).into_iter().flatten() {
             let backing = assembly
-                .filter(|_| whole_chunk(index, id).is_none())
+                .filter(|_| needs_assembly(index, id))
                 .and_then(|a| {
                     assembled
                         .entry(id)

@@ -24,8 +24,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use stoker_fetch::{ChunkLocation, Fetcher};
-use stoker_format::{FileKind, Index, InodeId, Plan};
-use stoker_lazyfs::{AssemblyOptions, assemble_files};
+use stoker_format::{Index, InodeId, Plan};
+use stoker_lazyfs::{AssemblyOptions, assemble_files, needs_assembly};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -141,20 +141,8 @@ fn choose_files(
         .map(|(rank, &chunk)| (chunk, rank))
         .collect();
     let mut in_plan: Vec<(usize, InodeId)> = (0..index.inode_count())
-        .filter(|&id| {
-            index
-                .inode(id)
-                .is_some_and(|i| i.kind == FileKind::File && i.size > 0)
-        })
+        .filter(|&id| needs_assembly(index, id))
         .filter_map(|id| {
-            let size = index.inode(id)?.size;
-            let mut pieces = index.file_chunks(id);
-            let first = pieces.next()?;
-            let one_whole_chunk =
-                first.file_offset == 0 && u64::from(first.len) == size && pieces.next().is_none();
-            if one_whole_chunk {
-                return None; // its chunk file is its backing file
-            }
             let first_rank = index
                 .file_chunks(id)
                 .filter_map(|p| rank.get(&p.chunk))
@@ -179,11 +167,12 @@ fn choose_files(
         if planned_bytes.saturating_mul(MIN_PLANNED_SHARE) < size {
             continue;
         }
-        let mut counted = HashSet::new();
+        // Distinct chunks of the file neither cached nor taken for an earlier file.
+        let mut seen = HashSet::new();
         let lacking: Vec<ChunkLocation> = index
             .file_chunks(id)
             .filter_map(|p| index.chunk(p.chunk))
-            .filter(|c| !cached(c) && !taken.contains(&c.digest) && counted.insert(c.digest))
+            .filter(|c| !cached(c) && !taken.contains(&c.digest) && seen.insert(c.digest))
             .collect();
         let lacking_bytes: u64 = lacking.iter().map(|c| u64::from(c.uncompressed_len)).sum();
         if file_bytes + size > prep.assembly.max_bytes
@@ -193,11 +182,8 @@ fn choose_files(
         }
         file_bytes += size;
         extra_bytes += lacking_bytes;
-        for chunk in lacking {
-            if taken.insert(chunk.digest) {
-                chosen.missing.push(chunk);
-            }
-        }
+        taken.extend(seen);
+        chosen.missing.extend(lacking);
         chosen.files.push(id);
     }
     chosen
