@@ -344,6 +344,17 @@ fn a_frame_asking_for_a_huge_window_is_refused() {
     assert!(!err.contains("magic"), "the frame was decoded: {err}");
 }
 
+/// Found by the index_decode fuzz target under a 64 MB malloc limit: a 12-byte
+/// frame in zstd's legacy v0.6 format, whose decoder ignores the window limit,
+/// made it allocate past the limit. Legacy frames are not zstd as Stoker writes
+/// it (the `legacy` feature is off): refused like any other bad blob.
+#[test]
+fn a_legacy_zstd_frame_is_refused() {
+    let blob = [38, 181, 47, 253, 30, 0, 0, 92, 1, 0, 36, 46];
+    let err = Index::decode(&blob).unwrap_err().to_string();
+    assert!(err.contains("not valid zstd"), "{err}");
+}
+
 /// The window cap still lets through indexes compressed as a stream, without
 /// their size in the frame header (as `zstd` does from a pipe).
 #[test]
