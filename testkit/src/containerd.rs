@@ -299,7 +299,21 @@ impl TestContainerd {
         &self,
     ) -> Result<ImageServiceClient<tonic::transport::Channel>, TestkitError> {
         let channel = unix_channel(&self.socket()).await?;
-        Ok(ImageServiceClient::new(channel))
+        let mut client = ImageServiceClient::new(channel);
+        // containerd serves its socket before its CRI plugin has initialized, and
+        // CRI answers "server is not initialized yet" until then: wait for it.
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            match client.list_images(ListImagesRequest { filter: None }).await {
+                Err(status)
+                    if status.message().contains("not initialized")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+                _ => return Ok(client),
+            }
+        }
     }
 
     /// True while the containerd process is running.
