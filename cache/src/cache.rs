@@ -217,8 +217,9 @@ impl ChunkCache {
 
     /// Opens a cached chunk for reading and pins it until the guard is dropped.
     ///
-    /// The first open in this process hashes the file; a corrupt file is deleted
-    /// and reported as a miss (`None`), as is any file that cannot be opened or read.
+    /// The first open in this process of a file it did not write hashes the file;
+    /// a corrupt file is deleted and reported as a miss (`None`), as is any file
+    /// that cannot be opened or read.
     pub fn get(&self, digest: &Digest) -> Option<CachedChunk> {
         let inner = &self.inner;
         let Some(pinned) = inner.lock().pin(digest) else {

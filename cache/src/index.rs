@@ -20,7 +20,8 @@ struct Entry {
     generation: u64,
     /// `false` while the file is being renamed into place: not readable, not evictable.
     ready: bool,
-    /// The file has been hashed and found correct since this process started.
+    /// The file has been hashed and found correct since this process started, or
+    /// this process wrote it from verified bytes.
     verified: bool,
 }
 
@@ -119,12 +120,15 @@ impl Index {
     }
 
     /// Ends an installation: the file is in place (`ok`) or the rename failed.
+    /// A file installed by this process holds the verified bytes it was written
+    /// from, so it counts as checked.
     pub fn finish_install(&mut self, digest: &Digest, generation: u64, ok: bool) {
         let Some(entry) = self.entry_mut(digest, generation) else {
             return;
         };
         if ok {
             entry.ready = true;
+            entry.verified = true;
         } else {
             self.forget(digest);
         }

@@ -24,13 +24,15 @@
 //!   [`ChunkCache::insert_verified`] takes a [`VerifiedChunk`], whose constructor did
 //!   the hashing, so the fetcher hashes each chunk once.
 //! * **Verified out, once per process**: the first time this process opens a chunk file
-//!   it hashes the whole file; a file that fails (torn write after a power loss,
-//!   bit rot, tampering) is deleted, counted in `corrupt_dropped`, and reported as a
-//!   miss so the caller fetches it again. Later reads in the same process are not
-//!   re-hashed: re-hashing on every read would add about 0.5 ms per MiB to the warm
-//!   path, which is the path that has to stay close to native disk speed. The
-//!   trade-off is that a file modified *behind the cache's back* after its first
-//!   check is not noticed until the next restart.
+//!   it did not write itself, it hashes the whole file; a file that fails (torn write
+//!   after a power loss, bit rot, tampering) is deleted, counted in `corrupt_dropped`,
+//!   and reported as a miss so the caller fetches it again. Later reads in the same
+//!   process are not re-hashed, and neither are files this process wrote from
+//!   verified bytes: re-hashing would add about 0.5 ms per MiB, and a disk read after
+//!   the page cache is dropped, to the warm path, which is the path that has to stay
+//!   close to native disk speed (a node warmed by a prefetch plan opens every chunk it
+//!   wrote). The trade-off is that a file modified *behind the cache's back* after
+//!   it was written or first checked is not noticed until the next restart.
 //! * **Crash-safe**: a chunk is written to a temporary file in `<dir>/tmp/` and
 //!   renamed into place, so a chunk file either has its full final name or does not
 //!   exist; leftovers in `tmp/` are removed at open. **fsync policy: none.** Neither the
