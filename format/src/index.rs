@@ -406,6 +406,11 @@ impl Index {
         self.blobs.count
     }
 
+    /// Extended attributes in the whole image (0: no file has any).
+    pub fn xattr_count(&self) -> u32 {
+        self.xattrs.count
+    }
+
     /// Size of the decoded index in memory.
     pub fn raw_len(&self) -> usize {
         self.raw.len()

@@ -474,6 +474,14 @@ impl Filesystem for LazyFs {
         let Some(id) = id_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        if self.index.xattr_count() == 0 {
+            // An image without extended attributes: ENOSYS makes the kernel answer
+            // every later getxattr on this mount itself, with EOPNOTSUPP ("this file
+            // system has no extended attributes"), which overlayfs, exec's file
+            // capabilities and copy tools treat as "none". Overlayfs and many
+            // programs ask on every lookup and open; this saves a round trip each.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.index.xattr(id, name.as_bytes()) {
             Some(value) => reply_xattr(reply, size, value),
             None => reply.error(Errno::ENODATA),

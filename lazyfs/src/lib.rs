@@ -19,7 +19,11 @@
 //! - **Read-only**: every modifying operation is refused with EROFS, and the mount
 //!   is `ro`. Inode numbers are the index's inode ids + 1, stable for the image, so
 //!   hardlinks share one; owner, mode, times, nlink, rdev and xattrs come from the
-//!   index (the index keeps one time, reported as atime, mtime and ctime).
+//!   index (the index keeps one time, reported as atime, mtime and ctime). On an
+//!   image without any xattr, the first `getxattr` answers ENOSYS, so the kernel
+//!   answers every later one itself with EOPNOTSUPP, as for a file system without
+//!   xattrs (overlayfs and exec's capability check ask on every lookup and open);
+//!   `listxattr` answers an empty list.
 //! - **Kernel caching**: names, attributes and negative lookups are cached for
 //!   [`MountOptions::attr_timeout`] (a year by default: the image cannot change);
 //!   files are opened with `FOPEN_KEEP_CACHE`; directories are opened by the

@@ -119,3 +119,47 @@ fn a_second_walk_and_read_of_the_tree_is_answered_by_the_kernel() {
     }
     panic!("every later pass reached the filesystem: {seen:#?}");
 }
+
+#[test]
+fn an_image_without_xattrs_lets_the_kernel_answer_every_getxattr_after_the_first() {
+    if !fuse_available(
+        "an_image_without_xattrs_lets_the_kernel_answer_every_getxattr_after_the_first",
+    ) {
+        return;
+    }
+    let image = image();
+    assert_eq!(image.index.xattr_count(), 0);
+    let mounted = mount_image(&image, 1 << 30, MountOptions::default(), |_| {});
+    let root = mounted.mountpoint.path();
+    let files: Vec<_> = (0..40)
+        .map(|f| root.join(format!("dir-1/file-{f}")))
+        .collect();
+    for file in &files {
+        std::fs::symlink_metadata(file).expect("stat");
+    }
+
+    // "Not supported", the way a file system without xattrs answers...
+    let get = |path: &Path| xattr::get(path, "security.capability").map_err(|e| e.raw_os_error());
+    assert_eq!(get(&files[0]), Err(Some(libc::EOPNOTSUPP)));
+    // ...and from then on by the kernel alone.
+    let before = mounted.handle.counters();
+    for file in &files {
+        assert_eq!(get(file), Err(Some(libc::EOPNOTSUPP)));
+        assert_eq!(
+            xattr::get(file, "user.anything").map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EOPNOTSUPP))
+        );
+    }
+    let after = mounted.handle.counters();
+    assert_eq!(
+        after.operations, before.operations,
+        "getxattr reached the filesystem: {before:?} -> {after:?}"
+    );
+    // Listing names still works (an empty list), and so do reads.
+    assert_eq!(xattr::list(&files[3]).expect("listxattr").count(), 0);
+    let mut bytes = Vec::new();
+    File::open(&files[3])
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .expect("read");
+    assert_eq!(bytes, image.content(b"dir-1/file-3"));
+}
