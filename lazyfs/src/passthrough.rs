@@ -53,7 +53,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
@@ -850,22 +850,79 @@ impl AssemblerShared {
     }
 }
 
-/// Checks an assembled file against the index: its size, every piece's sha256,
-/// and zeros in the holes.
+/// Threads that open files and queue their reads for [`warm_page_cache`]: an
+/// open after the page cache was dropped waits on the disk for the file's inode,
+/// and the disk serves several at once.
+const WARMING_THREADS: usize = 8;
+
 /// Asks the kernel to read into the page cache, in the order of `chunks` (chunk
 /// positions in `index`, e.g. a prefetch plan), the local files a start of the
-/// image will read those chunks from: the range of an assembled backing file
+/// image will read those chunks from: the ranges of an assembled backing file
 /// (in `assembly`, written or verified by this process) for a multi-chunk file,
-/// the chunk file otherwise. For a start on a warmed node, so that its reads
-/// find the bytes in memory instead of waiting on the disk one file at a time.
-/// Asynchronous (`POSIX_FADV_WILLNEED`): returns once the reads are queued, with
-/// the bytes asked for. Files that are gone are skipped.
+/// the chunk file otherwise. For a start on a warmed node, so that its opens and
+/// reads find the files' inodes and bytes in memory instead of waiting on the
+/// disk one file at a time. The reads are asked for (`POSIX_FADV_WILLNEED`)
+/// from [`WARMING_THREADS`] threads taking files in plan order; returns once
+/// they are all queued, with the bytes asked for. Files that are gone are skipped.
 pub fn warm_page_cache(
     index: &Index,
     cache: &ChunkCache,
     assembly: Option<&AssemblyOptions>,
     chunks: &[u32],
 ) -> u64 {
+    let files = files_to_warm(index, cache, assembly, chunks);
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..WARMING_THREADS.min(files.len()) {
+            scope.spawn(|| {
+                while let Some(file) = files.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    bytes.fetch_add(file.warm(), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    bytes.into_inner()
+}
+
+/// A local file a start will read, and the ranges it will read of it.
+struct FileToWarm {
+    path: PathBuf,
+    ranges: Vec<(u64, u64)>,
+}
+
+impl FileToWarm {
+    /// Opens the file and asks the kernel to read its ranges; the bytes asked for.
+    fn warm(&self) -> u64 {
+        let Ok(file) = File::open(&self.path) else {
+            return 0;
+        };
+        let mut bytes = 0;
+        for &(offset, len) in &self.ranges {
+            let (Ok(offset_arg), Ok(len_arg)) = (i64::try_from(offset), i64::try_from(len)) else {
+                continue;
+            };
+            let advised = nix::fcntl::posix_fadvise(
+                &file,
+                offset_arg,
+                len_arg,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+            if advised.is_ok() {
+                bytes += len;
+            }
+        }
+        bytes
+    }
+}
+
+/// The files [`warm_page_cache`] reads, in the order `chunks` first needs them.
+fn files_to_warm(
+    index: &Index,
+    cache: &ChunkCache,
+    assembly: Option<&AssemblyOptions>,
+    chunks: &[u32],
+) -> Vec<FileToWarm> {
     // Which files use each wanted chunk, and where.
     let wanted: HashSet<u32> = chunks.iter().copied().collect();
     let mut users: HashMap<u32, Vec<(InodeId, u64, u32)>> = HashMap::new();
@@ -882,21 +939,10 @@ pub fn warm_page_cache(
             }
         }
     }
-    let mut assembled: HashMap<InodeId, Option<File>> = HashMap::new();
-    let mut chunk_files_done = HashSet::new();
-    let mut bytes = 0u64;
-    let advise = |file: &File, offset: u64, len: u64| {
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return false;
-        };
-        nix::fcntl::posix_fadvise(
-            file,
-            offset,
-            len,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
-        )
-        .is_ok()
-    };
+    let mut files: Vec<FileToWarm> = Vec::new();
+    // Where each assembled file is in `files` (None: not assembled here).
+    let mut assembled: HashMap<InodeId, Option<usize>> = HashMap::new();
+    let mut chunk_files = HashSet::new();
     for &chunk in chunks {
         let Some(loc) = index.chunk(chunk) else {
             continue;
@@ -905,33 +951,30 @@ pub fn warm_page_cache(
             let backing = assembly
                 .filter(|_| needs_assembly(index, id))
                 .and_then(|a| {
-                    assembled
-                        .entry(id)
-                        .or_insert_with(|| {
-                            let (key, _) = content_key(index, id)?;
-                            let path = a.dir.join(key.hex());
-                            if !a.verified.contains(&path) {
-                                return None;
-                            }
-                            File::open(path).ok()
-                        })
-                        .as_ref()
+                    *assembled.entry(id).or_insert_with(|| {
+                        let (key, _) = content_key(index, id)?;
+                        let path = a.dir.join(key.hex());
+                        if !a.verified.contains(&path) {
+                            return None;
+                        }
+                        files.push(FileToWarm {
+                            path,
+                            ranges: Vec::new(),
+                        });
+                        Some(files.len() - 1)
+                    })
                 });
             match backing {
-                Some(file) if advise(file, offset, u64::from(len)) => bytes += u64::from(len),
-                Some(_) => {}
-                None if chunk_files_done.insert(loc.digest) => {
-                    if let Ok(file) = File::open(cache.chunk_path(&loc.digest))
-                        && advise(&file, 0, u64::from(loc.uncompressed_len))
-                    {
-                        bytes += u64::from(loc.uncompressed_len);
-                    }
-                }
+                Some(at) => files[at].ranges.push((offset, u64::from(len))),
+                None if chunk_files.insert(loc.digest) => files.push(FileToWarm {
+                    path: cache.chunk_path(&loc.digest),
+                    ranges: vec![(0, u64::from(loc.uncompressed_len))],
+                }),
                 None => {}
             }
         }
     }
-    bytes
+    files
 }
 
 /// Writes regular file `id` of `index` from its cached chunks into a temporary
@@ -984,6 +1027,8 @@ fn assemble_file(
     result
 }
 
+/// Checks an assembled file against the index: its size, every piece's sha256,
+/// and zeros in the holes.
 fn verify_assembled(path: &Path, index: &Index, id: InodeId) -> Result<(), String> {
     let file = File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
     let size = index.inode(id).map_or(0, |i| i.size);
