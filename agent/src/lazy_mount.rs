@@ -2,11 +2,13 @@
 //! as a FUSE filesystem, fetching chunks from the image's registry on demand.
 //!
 //! For each image it mounts:
-//! 1. the index blob (named by the digest the resolver found) is read from the
-//!    node's index directory, or else from the image's repository, and verified
-//!    against that digest before it is decoded; a fetched index is kept in the
-//!    index directory (written to a temporary file, then renamed), so that an
-//!    agent restart re-mounts its images without asking the registry;
+//! 1. the index (named by the digest the resolver found) is taken from the node's
+//!    [`KnownImages`] when a prefetch plan (or an earlier mount) loaded and
+//!    verified it already; otherwise the index blob is read from the node's index
+//!    directory, or else from the image's repository, and verified against that
+//!    digest before it is decoded; a fetched index is kept in the index directory
+//!    (written to a temporary file, then renamed), so that an agent restart
+//!    re-mounts its images without asking the registry;
 //! 2. a [`Fetcher`] reads the image's chunk blobs from the same repository with
 //!    ranged GETs into the node's one [`ChunkCache`], shared by every image;
 //! 3. [`stoker_lazyfs::mount`] serves the index at the mountpoint.
@@ -29,6 +31,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use stoker_cache::ChunkCache;
@@ -41,6 +44,7 @@ use stoker_snapshotter::{LazyImage, LazyMounter, SnapshotterError};
 
 use crate::assembly::Assembly;
 use crate::fd_keeper::KeeperClient;
+use crate::resolver::KnownImages;
 
 /// One image mounted by a [`RegistryLazyMounter`]. Cheap to clone.
 #[derive(Clone)]
@@ -74,6 +78,8 @@ pub struct RegistryLazyMounter {
     mount_options: MountOptions,
     /// Verified index blobs by digest (`<dir>/<hex>`); `None`: always fetched.
     index_dir: Option<PathBuf>,
+    /// Verified indexes in memory, shared with the prefetch executor.
+    known: Arc<KnownImages>,
     mounted: Mutex<HashMap<PathBuf, MountedLazyImage>>,
     /// Where mounts' FUSE descriptors are kept across agent restarts.
     keeper: Option<Arc<KeeperClient>>,
@@ -101,6 +107,7 @@ impl RegistryLazyMounter {
             fetch_config,
             mount_options,
             index_dir: None,
+            known: Arc::new(KnownImages::default()),
             mounted: Mutex::new(HashMap::new()),
             keeper: None,
             resumable: Mutex::new(HashMap::new()),
@@ -195,20 +202,51 @@ impl RegistryLazyMounter {
         }
     }
 
+    /// Takes indexes from `known` when they are there (a prefetch plan loaded
+    /// them), and keeps the ones it loads there.
+    pub fn with_known_images(mut self, known: Arc<KnownImages>) -> RegistryLazyMounter {
+        self.known = known;
+        self
+    }
+
     /// Keeps verified index blobs in `dir` and reads them from there first.
     pub fn with_index_dir(mut self, dir: PathBuf) -> RegistryLazyMounter {
         self.index_dir = Some(dir);
         self
     }
 
+    /// The index `digest`, verified and decoded, and where it came from: from
+    /// memory when it was loaded (and verified) already, else from the index
+    /// directory when it holds a good copy, else from the registry (then kept
+    /// on disk). Kept in memory either way.
+    async fn index(
+        &self,
+        image_ref: &str,
+        digest: &Digest,
+    ) -> Result<(Arc<Index>, &'static str), String> {
+        if let Some(index) = self.known.index(digest) {
+            return Ok((index, "memory"));
+        }
+        let (store, _) =
+            ImageStore::registry(self.client.clone(), image_ref).map_err(|e| e.to_string())?;
+        let (index, from) = self.load_index(&store, digest).await?;
+        let index = Arc::new(index);
+        self.known.remember_index(*digest, Arc::clone(&index));
+        Ok((index, from))
+    }
+
     /// The index blob `digest`, verified and decoded: from the index directory
     /// when it holds a good copy, else from the registry (then kept).
-    async fn load_index(&self, store: &ImageStore, digest: &Digest) -> Result<Index, String> {
+    async fn load_index(
+        &self,
+        store: &ImageStore,
+        digest: &Digest,
+    ) -> Result<(Index, &'static str), String> {
         let kept = self.index_dir.as_ref().map(|dir| dir.join(digest.hex()));
         if let Some(path) = &kept {
             match std::fs::read(path) {
                 Ok(bytes) => match Index::decode_verified(&bytes, digest) {
-                    Ok(index) => return Ok(index),
+                    Ok(index) => return Ok((index, "disk")),
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "kept index fails its check; fetching it again");
                         let _ = std::fs::remove_file(path);
@@ -231,7 +269,7 @@ impl RegistryLazyMounter {
         {
             tracing::warn!(path = %path.display(), error = %e, "keeping the index on disk");
         }
-        Ok(index)
+        Ok((index, "registry"))
     }
 
     /// The node's chunk cache.
@@ -267,13 +305,12 @@ impl RegistryLazyMounter {
         };
         let index_digest = Digest::parse(&image.index_digest)
             .map_err(|e| failed(format!("index digest {:?}: {e}", image.index_digest)))?;
-        let (store, _) = ImageStore::registry(self.client.clone(), &image.image_ref)
-            .map_err(|e| failed(e.to_string()))?;
-        let index = Arc::new(
-            self.load_index(&store, &index_digest)
-                .await
-                .map_err(failed)?,
-        );
+        let started = Instant::now();
+        let (index, index_from) = self
+            .index(&image.image_ref, &index_digest)
+            .await
+            .map_err(failed)?;
+        let index_ready = started.elapsed();
         let repository = stoker_registry::parse_reference(&image.image_ref)
             .map_err(|e| failed(e.to_string()))?;
         let fetcher = Fetcher::new(
@@ -323,6 +360,9 @@ impl RegistryLazyMounter {
             inodes = index.inode_count(),
             mountpoint = %mountpoint.display(),
             resumed = resuming,
+            index_from,
+            index_ms = index_ready.as_secs_f64() * 1e3,
+            mount_ms = (started.elapsed() - index_ready).as_secs_f64() * 1e3,
             "lazy filesystem mounted"
         );
         Ok(MountedLazyImage {

@@ -27,7 +27,7 @@ use stoker_agent::fd_keeper::KeeperClient;
 use stoker_agent::lazy_mount::RegistryLazyMounter;
 use stoker_agent::node_gate;
 use stoker_agent::prefetch::{NodeImages, PrefetchOptions, Prefetches};
-use stoker_agent::resolver::RegistryResolver;
+use stoker_agent::resolver::{KnownImages, RegistryResolver};
 use stoker_agent::supervisor;
 use stoker_agent::tls::ReloadingTls;
 use stoker_agent::trace::{Traces, TracingMounter};
@@ -120,6 +120,9 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
     // One set of assembled backing files (and of those verified by this
     // process) for the mounts and the prefetches.
     let assembly = config.assembly();
+    // What a prefetch plan found (the image's artifact, its verified index)
+    // serves the pull of the image that follows it.
+    let known_images = Arc::new(KnownImages::default());
     // Indexes are kept on disk, so a restart re-mounts without the registry.
     let mut lazy_mounter = RegistryLazyMounter::new(
         registry.clone(),
@@ -132,6 +135,7 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
         },
     )
     .with_index_dir(config.state_dir.join("indexes"))
+    .with_known_images(Arc::clone(&known_images))
     .with_assembly(assembly.clone())
     .with_open_state_dir(config.open_state_dir());
     if let Some(socket) = keeper_socket {
@@ -166,7 +170,9 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
     ));
     let snapshotter = Snapshotter::open(
         &config.snapshotter_root(),
-        Arc::new(RegistryResolver::new(registry.clone())),
+        Arc::new(
+            RegistryResolver::new(registry.clone()).with_known_images(Arc::clone(&known_images)),
+        ),
         Arc::clone(&mounter) as _,
         SnapshotterOptions {
             negative_cache_ttl: config.negative_cache_ttl(),
@@ -189,10 +195,12 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
     );
 
     // The agent API: prefetch plans warm the mounts' own fetchers when mounted.
-    let images = NodeImages::new(registry, cache, fetch_config).with_mounts(move |digest| {
-        let mounted = lazy_mounter.mounted(&digest.to_string())?;
-        Some((mounted.index, mounted.fetcher))
-    });
+    let images = NodeImages::new(registry, cache, fetch_config)
+        .with_known_images(known_images)
+        .with_mounts(move |digest| {
+            let mounted = lazy_mounter.mounted(&digest.to_string())?;
+            Some((mounted.index, mounted.fetcher))
+        });
     let prefetches = Prefetches::new(
         Arc::new(images),
         PrefetchOptions {

@@ -9,24 +9,150 @@
 //!    index digest;
 //! 3. the image manifest `M` itself, for the layer digests containerd will unpack.
 //!
-//! Three manifest-sized requests, no blob. The snapshotter caches the answer.
+//! Three manifest-sized requests, no blob; the first and the last go out together.
+//! The snapshotter caches the answer.
+//!
+//! [`KnownImages`] is what the node learned about images a short while ago, shared
+//! by the resolver, the lazy mounts and the prefetch executor: a prefetch plan
+//! pushed ahead of an image's pods finds the image's artifact and loads its index,
+//! and the pull that follows takes both from here instead of asking the registry
+//! again (see [`KnownImages`] for how long each is trusted).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use stoker_format::Digest;
 use stoker_format::artifact::{ARTIFACT_TYPE, INDEX_MEDIA_TYPE};
+use stoker_format::{Digest, Index};
 use stoker_registry::{Reference, RegistryClient, RegistryError};
 
 use stoker_snapshotter::{ImageResolver, SnapshotterError, StokerArtifact};
+
+/// How long an artifact found for a prefetch plan answers the resolver. A plan
+/// comes shortly before the image's pods; an artifact pushed again for the same
+/// image (a new conversion) is noticed by lookups after this.
+pub const ARTIFACTS_TRUSTED_FOR: Duration = Duration::from_secs(10 * 60);
+/// Artifacts remembered at most (the oldest go first).
+const ARTIFACTS_KEPT: usize = 64;
+/// Verified indexes kept in memory at most, besides the mounted ones (which
+/// their mounts hold). Indexes of large images take megabytes each.
+const INDEXES_KEPT: usize = 8;
+
+/// Recently found Stoker artifacts and verified indexes of this node's images.
+///
+/// - An artifact (image manifest digest → index digest and layer digests) is
+///   trusted for a limited time ([`ARTIFACTS_TRUSTED_FOR`]): the registry may
+///   get a new artifact for the same image, and the node must then move to it.
+/// - An index is kept by its digest, which names its content: a kept index is
+///   the one any artifact naming that digest means, for as long as it is kept.
+///   Only indexes verified against their digest are remembered.
+pub struct KnownImages {
+    artifacts_trusted_for: Duration,
+    state: Mutex<KnownState>,
+}
+
+#[derive(Default)]
+struct KnownState {
+    /// By image manifest digest, with when it was found.
+    artifacts: HashMap<String, (Instant, StokerArtifact)>,
+    /// Most recently used last.
+    indexes: Vec<(Digest, Arc<Index>)>,
+}
+
+impl Default for KnownImages {
+    fn default() -> Self {
+        KnownImages::new(ARTIFACTS_TRUSTED_FOR)
+    }
+}
+
+impl KnownImages {
+    /// Trusts artifacts for `artifacts_trusted_for` after they were found.
+    pub fn new(artifacts_trusted_for: Duration) -> KnownImages {
+        KnownImages {
+            artifacts_trusted_for,
+            state: Mutex::new(KnownState::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, KnownState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers that the image manifest `manifest_digest` has `artifact`, found
+    /// in the registry just now.
+    pub fn remember_artifact(&self, manifest_digest: &str, artifact: StokerArtifact) {
+        let trusted_for = self.artifacts_trusted_for;
+        let mut state = self.lock();
+        state
+            .artifacts
+            .retain(|_, (found, _)| found.elapsed() < trusted_for);
+        if state.artifacts.len() >= ARTIFACTS_KEPT
+            && let Some(oldest) = state
+                .artifacts
+                .iter()
+                .min_by_key(|(_, (found, _))| *found)
+                .map(|(digest, _)| digest.clone())
+        {
+            state.artifacts.remove(&oldest);
+        }
+        state
+            .artifacts
+            .insert(manifest_digest.to_string(), (Instant::now(), artifact));
+    }
+
+    /// The artifact of `manifest_digest`, if it was found recently enough.
+    pub fn artifact(&self, manifest_digest: &str) -> Option<StokerArtifact> {
+        let mut state = self.lock();
+        let (found, artifact) = state.artifacts.get(manifest_digest)?;
+        if found.elapsed() < self.artifacts_trusted_for {
+            return Some(artifact.clone());
+        }
+        state.artifacts.remove(manifest_digest);
+        None
+    }
+
+    /// Keeps `index`, which was verified against `digest` when it was loaded.
+    pub fn remember_index(&self, digest: Digest, index: Arc<Index>) {
+        let mut state = self.lock();
+        state.indexes.retain(|(d, _)| *d != digest);
+        state.indexes.push((digest, index));
+        if state.indexes.len() > INDEXES_KEPT {
+            state.indexes.remove(0);
+        }
+    }
+
+    /// The verified index `digest`, if kept.
+    pub fn index(&self, digest: &Digest) -> Option<Arc<Index>> {
+        let mut state = self.lock();
+        let at = state.indexes.iter().position(|(d, _)| d == digest)?;
+        let entry = state.indexes.remove(at);
+        let index = Arc::clone(&entry.1);
+        state.indexes.push(entry);
+        Some(index)
+    }
+}
 
 /// Finds Stoker artifacts through a [`RegistryClient`].
 #[derive(Clone)]
 pub struct RegistryResolver {
     client: RegistryClient,
+    known: Arc<KnownImages>,
 }
 
 impl RegistryResolver {
     pub fn new(client: RegistryClient) -> RegistryResolver {
-        RegistryResolver { client }
+        RegistryResolver {
+            client,
+            known: Arc::new(KnownImages::default()),
+        }
+    }
+
+    /// Answers from `known` (artifacts the prefetch executor found) before asking
+    /// the registry.
+    pub fn with_known_images(mut self, known: Arc<KnownImages>) -> RegistryResolver {
+        self.known = known;
+        self
     }
 
     async fn lookup(
@@ -51,11 +177,13 @@ impl RegistryResolver {
         };
         let image = at(manifest_digest);
 
-        let referrers = self
-            .client
-            .find_referrers(&image, &subject, ARTIFACT_TYPE)
-            .await
-            .map_err(registry_failed)?;
+        // The image manifest (for its layers) is asked for along with the
+        // referrers: one round trip less when there is an artifact.
+        let (referrers, image_manifest) = futures::join!(
+            self.client.find_referrers(&image, &subject, ARTIFACT_TYPE),
+            self.client.fetch_manifest_at(&image)
+        );
+        let referrers = referrers.map_err(registry_failed)?;
         let Some(newest) = referrers.last() else {
             return Ok(None);
         };
@@ -82,10 +210,7 @@ impl RegistryResolver {
             .map(|layer| layer.digest().to_string())
             .ok_or_else(|| failed(format!("artifact {artifact_digest} has no index layer")))?;
 
-        let layer_digests = self
-            .client
-            .fetch_manifest_at(&image)
-            .await
+        let layer_digests = image_manifest
             .and_then(|fetched| fetched.image_manifest())
             .map_err(registry_failed)?
             .layers()
@@ -105,6 +230,112 @@ impl ImageResolver for RegistryResolver {
         image_ref: &'a str,
         manifest_digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
-        Box::pin(self.lookup(image_ref, manifest_digest))
+        Box::pin(async move {
+            if let Some(known) = self.known.artifact(manifest_digest) {
+                tracing::debug!(
+                    image = image_ref,
+                    manifest = manifest_digest,
+                    index = %known.index_digest,
+                    "Stoker artifact known from a prefetch plan"
+                );
+                return Ok(Some(known));
+            }
+            let started = Instant::now();
+            let found = self.lookup(image_ref, manifest_digest).await;
+            tracing::debug!(
+                image = image_ref,
+                manifest = manifest_digest,
+                found = matches!(found, Ok(Some(_))),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "Stoker artifact looked up in the registry"
+            );
+            found
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stoker_format::{ChunkTable, Chunking, Meta, Tree};
+
+    fn artifact(index: &str) -> StokerArtifact {
+        StokerArtifact {
+            index_digest: index.to_string(),
+            layer_digests: vec!["sha256:l1".into(), "sha256:l2".into()],
+        }
+    }
+
+    /// An index of an empty tree whose root has mode `mode` (so each is distinct).
+    fn index(mode: u32) -> (Digest, Arc<Index>) {
+        let tree = Tree::new(Meta {
+            permissions: mode,
+            ..Meta::default()
+        });
+        let encoded = tree
+            .encode(&ChunkTable::default(), Chunking::Fixed { size: 1 << 16 })
+            .expect("encode");
+        let index = Index::decode_verified(&encoded.compressed, &encoded.digest).expect("decode");
+        (encoded.digest, Arc::new(index))
+    }
+
+    #[test]
+    fn an_artifact_answers_while_it_is_trusted() {
+        let known = KnownImages::new(Duration::from_secs(600));
+        assert_eq!(known.artifact("sha256:m"), None);
+        known.remember_artifact("sha256:m", artifact("sha256:i1"));
+        assert_eq!(known.artifact("sha256:m"), Some(artifact("sha256:i1")));
+        // A newer finding replaces it.
+        known.remember_artifact("sha256:m", artifact("sha256:i2"));
+        assert_eq!(known.artifact("sha256:m"), Some(artifact("sha256:i2")));
+        assert_eq!(known.artifact("sha256:other"), None);
+    }
+
+    #[test]
+    fn an_artifact_past_its_time_is_not_served() {
+        // Trusted for no time at all: the registry is always asked again, so an
+        // image whose artifact was replaced moves to the new one.
+        let known = KnownImages::new(Duration::ZERO);
+        known.remember_artifact("sha256:m", artifact("sha256:i1"));
+        assert_eq!(known.artifact("sha256:m"), None);
+        assert!(known.lock().artifacts.is_empty(), "forgotten once expired");
+    }
+
+    #[test]
+    fn artifacts_kept_are_bounded() {
+        let known = KnownImages::default();
+        for i in 0..ARTIFACTS_KEPT + 10 {
+            known.remember_artifact(&format!("sha256:m{i}"), artifact("sha256:i"));
+        }
+        assert_eq!(known.lock().artifacts.len(), ARTIFACTS_KEPT);
+        assert!(
+            known
+                .artifact(&format!("sha256:m{}", ARTIFACTS_KEPT + 9))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn indexes_kept_are_bounded_and_the_least_recently_used_goes_first() {
+        let known = KnownImages::default();
+        let indexes: Vec<_> = (0..=INDEXES_KEPT as u32)
+            .map(|i| index(0o700 + i))
+            .collect();
+        for (digest, index) in &indexes[..INDEXES_KEPT] {
+            known.remember_index(*digest, Arc::clone(index));
+        }
+        // The first one is used again, so the second is the oldest now.
+        assert!(known.index(&indexes[0].0).is_some());
+        let (digest, index) = &indexes[INDEXES_KEPT];
+        known.remember_index(*digest, Arc::clone(index));
+        assert!(known.index(&indexes[1].0).is_none(), "oldest dropped");
+        for (digest, _) in indexes.iter().filter(|(d, _)| *d != indexes[1].0) {
+            let kept = known.index(digest).expect("kept");
+            assert_eq!(known.lock().indexes.len(), INDEXES_KEPT);
+            assert!(Arc::ptr_eq(
+                &kept,
+                &indexes.iter().find(|(d, _)| d == digest).unwrap().1
+            ));
+        }
     }
 }

@@ -9,8 +9,11 @@
 //! A mounted image's index and fetcher come from its mount (see
 //! [`NodeImages::with_mounts`]), so a plan warms the very fetcher the container
 //! reads through. Otherwise the index is loaded from the registry (artifact →
-//! index blob, verified against its digest) and kept for the next plan of the
-//! same image, and the repository gets a fetcher of its own.
+//! index blob, verified against its digest) and kept, with the artifact found on
+//! the way, in the node's [`KnownImages`]: the next plan of the image, and the
+//! pull of the image that usually follows its plan (the snapshotter's resolver
+//! and the lazy mount), take them from there instead of asking the registry
+//! again. The repository gets a fetcher of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,13 +23,11 @@ use stoker_convert::ImageStore;
 use stoker_fetch::{BlobSource, FetchConfig, Fetcher, RegistrySource};
 use stoker_format::{Digest, Index};
 use stoker_registry::RegistryClient;
-use tracing::info;
+use stoker_snapshotter::StokerArtifact;
+use tracing::{debug, info};
 
 use crate::AgentError;
-
-/// Indexes loaded from the registry that are kept (mounted ones are kept while
-/// they are mounted, whatever their number).
-const LOADED_INDEXES_KEPT: usize = 8;
+use crate::resolver::KnownImages;
 
 /// Finds a mounted image's index and fetcher by index digest.
 pub type MountLookup = Box<dyn Fn(&Digest) -> Option<(Arc<Index>, Fetcher)> + Send + Sync>;
@@ -37,6 +38,8 @@ pub struct NodeImages {
     mounts: Option<MountLookup>,
     cache: ChunkCache,
     fetch_config: FetchConfig,
+    /// Indexes loaded for plans (a few), and the artifacts they were found by.
+    known: Arc<KnownImages>,
     state: Mutex<State>,
 }
 
@@ -46,8 +49,6 @@ struct State {
     fetchers: HashMap<String, Fetcher>,
     /// Indexes of mounted images.
     mounted: HashMap<Digest, Arc<Index>>,
-    /// Indexes loaded for plans, oldest first.
-    loaded: Vec<(Digest, Arc<Index>)>,
 }
 
 impl NodeImages {
@@ -58,6 +59,7 @@ impl NodeImages {
             mounts: None,
             cache,
             fetch_config,
+            known: Arc::new(KnownImages::default()),
             state: Mutex::new(State::default()),
         }
     }
@@ -69,8 +71,16 @@ impl NodeImages {
             mounts: None,
             cache,
             fetch_config,
+            known: Arc::new(KnownImages::default()),
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Keeps loaded indexes and the artifacts found for them in `known`, shared
+    /// with the snapshotter's resolver and the lazy mounts.
+    pub fn with_known_images(mut self, known: Arc<KnownImages>) -> Self {
+        self.known = known;
+        self
     }
 
     /// Mounted images are found with `lookup` (index and fetcher of the mount).
@@ -137,9 +147,9 @@ impl NodeImages {
 
     /// Forgets a mounted image's index (it stays among the loaded ones).
     pub fn remove_index(&self, digest: &Digest) {
-        let mut state = self.lock();
-        if let Some(index) = state.mounted.remove(digest) {
-            remember_loaded(&mut state, *digest, index);
+        let removed = self.lock().mounted.remove(digest);
+        if let Some(index) = removed {
+            self.known.remember_index(*digest, index);
         }
     }
 
@@ -148,14 +158,8 @@ impl NodeImages {
         if let Some((index, _)) = self.mounts.as_ref().and_then(|lookup| lookup(digest)) {
             return Some(index);
         }
-        let state = self.lock();
-        state.mounted.get(digest).cloned().or_else(|| {
-            state
-                .loaded
-                .iter()
-                .find(|(d, _)| d == digest)
-                .map(|(_, index)| Arc::clone(index))
-        })
+        let mounted = self.lock().mounted.get(digest).cloned();
+        mounted.or_else(|| self.known.index(digest))
     }
 
     /// The index `digest` of image `image_ref`: known already, or found through
@@ -188,6 +192,7 @@ impl NodeImages {
                 .referrers(&manifest.digest)
                 .await
                 .map_err(|e| remote(e.to_string()))?;
+            let newest = artifacts.last().copied();
             for artifact in artifacts {
                 let found = stoker_convert::artifact::read_artifact(
                     &store,
@@ -205,7 +210,12 @@ impl NodeImages {
                     .map_err(|e| remote(format!("loading index {digest}: {e}")))?;
                 info!(image = image_ref, index = %digest, "index loaded for a prefetch plan");
                 let index = Arc::new(index);
-                remember_loaded(&mut self.lock(), *digest, Arc::clone(&index));
+                self.known.remember_index(*digest, Arc::clone(&index));
+                // The snapshotter's resolver takes the newest artifact of an
+                // image: only that one may answer it.
+                if newest == Some(artifact) {
+                    self.remember_artifact(image_ref, &manifest, digest);
+                }
                 return Ok(index);
             }
         }
@@ -215,12 +225,42 @@ impl NodeImages {
     }
 }
 
-fn remember_loaded(state: &mut State, digest: Digest, index: Arc<Index>) {
-    state.loaded.retain(|(d, _)| *d != digest);
-    state.loaded.push((digest, index));
-    if state.loaded.len() > LOADED_INDEXES_KEPT {
-        state.loaded.remove(0);
+impl NodeImages {
+    /// Remembers that the image manifest `manifest` has the artifact of index
+    /// `index_digest`, for the snapshotter's resolver (it needs the layers).
+    fn remember_artifact(
+        &self,
+        image_ref: &str,
+        manifest: &stoker_convert::source::Manifest,
+        index_digest: &Digest,
+    ) {
+        match layer_digests(&manifest.bytes) {
+            Ok(layer_digests) => self.known.remember_artifact(
+                &manifest.digest.to_string(),
+                StokerArtifact {
+                    index_digest: index_digest.to_string(),
+                    layer_digests,
+                },
+            ),
+            Err(e) => {
+                debug!(image = image_ref, manifest = %manifest.digest, error = %e, "image manifest without readable layers; the pull will look the artifact up itself")
+            }
+        }
     }
+}
+
+/// The layer digests of an image manifest, bottom to top.
+fn layer_digests(manifest: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct Layer {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        layers: Vec<Layer>,
+    }
+    let manifest: Manifest = serde_json::from_slice(manifest)?;
+    Ok(manifest.layers.into_iter().map(|l| l.digest).collect())
 }
 
 /// `registry/repository` of an image reference, and the parsed reference.
