@@ -41,9 +41,11 @@ const INDEXES_KEPT: usize = 8;
 
 /// Recently found Stoker artifacts and verified indexes of this node's images.
 ///
-/// - An artifact (image manifest digest → index digest and layer digests) is
-///   trusted for a limited time ([`ARTIFACTS_TRUSTED_FOR`]): the registry may
-///   get a new artifact for the same image, and the node must then move to it.
+/// - An artifact (image manifest digest in a repository → index digest and
+///   layer digests) is trusted for a limited time ([`ARTIFACTS_TRUSTED_FOR`]):
+///   the registry may get a new artifact for the same image, and the node must
+///   then move to it. It answers for its own repository only: the same manifest
+///   in another repository may have no artifact there, nor its chunk blobs.
 /// - An index is kept by its digest, which names its content: a kept index is
 ///   the one any artifact naming that digest means, for as long as it is kept.
 ///   Only indexes verified against their digest are remembered.
@@ -54,7 +56,7 @@ pub struct KnownImages {
 
 #[derive(Default)]
 struct KnownState {
-    /// By image manifest digest, with when it was found.
+    /// By `registry/repository@manifest digest`, with when it was found.
     artifacts: HashMap<String, (Instant, StokerArtifact)>,
     /// Most recently used last.
     indexes: Vec<(Digest, Arc<Index>)>,
@@ -79,9 +81,17 @@ impl KnownImages {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Remembers that the image manifest `manifest_digest` has `artifact`, found
-    /// in the registry just now.
-    pub fn remember_artifact(&self, manifest_digest: &str, artifact: StokerArtifact) {
+    /// Remembers that the image manifest `manifest_digest` in the repository of
+    /// `image_ref` has `artifact`, found in the registry just now.
+    pub fn remember_artifact(
+        &self,
+        image_ref: &str,
+        manifest_digest: &str,
+        artifact: StokerArtifact,
+    ) {
+        let Some(key) = artifact_key(image_ref, manifest_digest) else {
+            return;
+        };
         let trusted_for = self.artifacts_trusted_for;
         let mut state = self.lock();
         state
@@ -96,19 +106,19 @@ impl KnownImages {
         {
             state.artifacts.remove(&oldest);
         }
-        state
-            .artifacts
-            .insert(manifest_digest.to_string(), (Instant::now(), artifact));
+        state.artifacts.insert(key, (Instant::now(), artifact));
     }
 
-    /// The artifact of `manifest_digest`, if it was found recently enough.
-    pub fn artifact(&self, manifest_digest: &str) -> Option<StokerArtifact> {
+    /// The artifact of the image manifest `manifest_digest` in the repository of
+    /// `image_ref`, if it was found recently enough.
+    pub fn artifact(&self, image_ref: &str, manifest_digest: &str) -> Option<StokerArtifact> {
+        let key = artifact_key(image_ref, manifest_digest)?;
         let mut state = self.lock();
-        let (found, artifact) = state.artifacts.get(manifest_digest)?;
+        let (found, artifact) = state.artifacts.get(&key)?;
         if found.elapsed() < self.artifacts_trusted_for {
             return Some(artifact.clone());
         }
-        state.artifacts.remove(manifest_digest);
+        state.artifacts.remove(&key);
         None
     }
 
@@ -131,6 +141,17 @@ impl KnownImages {
         state.indexes.push(entry);
         Some(index)
     }
+}
+
+/// `registry/repository@manifest digest`; `None` when `image_ref` is not an
+/// image reference.
+fn artifact_key(image_ref: &str, manifest_digest: &str) -> Option<String> {
+    let reference = stoker_registry::parse_reference(image_ref).ok()?;
+    Some(format!(
+        "{}/{}@{manifest_digest}",
+        reference.registry(),
+        reference.repository()
+    ))
 }
 
 /// Finds Stoker artifacts through a [`RegistryClient`].
@@ -231,7 +252,7 @@ impl ImageResolver for RegistryResolver {
         manifest_digest: &'a str,
     ) -> BoxFuture<'a, Result<Option<StokerArtifact>, SnapshotterError>> {
         Box::pin(async move {
-            if let Some(known) = self.known.artifact(manifest_digest) {
+            if let Some(known) = self.known.artifact(image_ref, manifest_digest) {
                 tracing::debug!(
                     image = image_ref,
                     manifest = manifest_digest,
@@ -279,16 +300,41 @@ mod tests {
         (encoded.digest, Arc::new(index))
     }
 
+    const IMAGE: &str = "registry.test/team/app:v1";
+
     #[test]
-    fn an_artifact_answers_while_it_is_trusted() {
+    fn an_artifact_answers_while_it_is_trusted_in_its_own_repository() {
         let known = KnownImages::new(Duration::from_secs(600));
-        assert_eq!(known.artifact("sha256:m"), None);
-        known.remember_artifact("sha256:m", artifact("sha256:i1"));
-        assert_eq!(known.artifact("sha256:m"), Some(artifact("sha256:i1")));
+        assert_eq!(known.artifact(IMAGE, "sha256:m"), None);
+        known.remember_artifact(IMAGE, "sha256:m", artifact("sha256:i1"));
+        assert_eq!(
+            known.artifact(IMAGE, "sha256:m"),
+            Some(artifact("sha256:i1"))
+        );
+        // Another tag or a digest reference of the same repository: the same.
+        let by_digest = format!("registry.test/team/app@sha256:{}", "a".repeat(64));
+        assert_eq!(
+            known.artifact(&by_digest, "sha256:m"),
+            Some(artifact("sha256:i1"))
+        );
+        assert_eq!(
+            known.artifact("registry.test/team/app:v2", "sha256:m"),
+            Some(artifact("sha256:i1"))
+        );
         // A newer finding replaces it.
-        known.remember_artifact("sha256:m", artifact("sha256:i2"));
-        assert_eq!(known.artifact("sha256:m"), Some(artifact("sha256:i2")));
-        assert_eq!(known.artifact("sha256:other"), None);
+        known.remember_artifact(IMAGE, "sha256:m", artifact("sha256:i2"));
+        assert_eq!(
+            known.artifact(IMAGE, "sha256:m"),
+            Some(artifact("sha256:i2"))
+        );
+        assert_eq!(known.artifact(IMAGE, "sha256:other"), None);
+        // The same manifest elsewhere may have no artifact (nor its chunks) there.
+        assert_eq!(
+            known.artifact("registry.test/team/copy:v1", "sha256:m"),
+            None
+        );
+        assert_eq!(known.artifact("mirror.test/team/app:v1", "sha256:m"), None);
+        assert_eq!(known.artifact("not a reference", "sha256:m"), None);
     }
 
     #[test]
@@ -296,8 +342,8 @@ mod tests {
         // Trusted for no time at all: the registry is always asked again, so an
         // image whose artifact was replaced moves to the new one.
         let known = KnownImages::new(Duration::ZERO);
-        known.remember_artifact("sha256:m", artifact("sha256:i1"));
-        assert_eq!(known.artifact("sha256:m"), None);
+        known.remember_artifact(IMAGE, "sha256:m", artifact("sha256:i1"));
+        assert_eq!(known.artifact(IMAGE, "sha256:m"), None);
         assert!(known.lock().artifacts.is_empty(), "forgotten once expired");
     }
 
@@ -305,13 +351,14 @@ mod tests {
     fn artifacts_kept_are_bounded() {
         let known = KnownImages::default();
         for i in 0..ARTIFACTS_KEPT + 10 {
-            known.remember_artifact(&format!("sha256:m{i}"), artifact("sha256:i"));
+            known.remember_artifact(IMAGE, &format!("sha256:m{i}"), artifact("sha256:i"));
         }
         assert_eq!(known.lock().artifacts.len(), ARTIFACTS_KEPT);
+        let newest = format!("sha256:m{}", ARTIFACTS_KEPT + 9);
+        assert!(known.artifact(IMAGE, &newest).is_some());
         assert!(
-            known
-                .artifact(&format!("sha256:m{}", ARTIFACTS_KEPT + 9))
-                .is_some()
+            known.artifact(IMAGE, "sha256:m0").is_none(),
+            "oldest dropped"
         );
     }
 

@@ -73,13 +73,13 @@ fn a_plan_leaves_the_artifact_it_found_for_the_pull_only_while_it_is_the_newest(
     rt.block_on(images.load_index(&reference, &old_index))
         .expect("the older index");
     assert!(known.index(&old_index).is_some());
-    assert_eq!(known.artifact(&manifest), None);
+    assert_eq!(known.artifact(&reference, &manifest), None);
 
     // A plan for the newest artifact's index: the pull takes its artifact.
     rt.block_on(images.load_index(&reference, &new_index))
         .expect("the newer index");
     let remembered = known
-        .artifact(&manifest)
+        .artifact(&reference, &manifest)
         .expect("the newest artifact is kept");
 
     // It is what the registry says, and the resolver answers with it without

@@ -236,6 +236,7 @@ impl NodeImages {
     ) {
         match layer_digests(&manifest.bytes) {
             Ok(layer_digests) => self.known.remember_artifact(
+                image_ref,
                 &manifest.digest.to_string(),
                 StokerArtifact {
                     index_digest: index_digest.to_string(),
