@@ -181,8 +181,12 @@ async fn run_agent(config: Config, keeper_socket: Option<OwnedFd>) -> anyhow::Re
     )
     .await
     .context("opening the snapshotter")?;
-    // Kept mounts of images no longer on record end now.
+    // Kept mounts of images no longer on record end now, and so do the
+    // assembled files of images not mounted again.
     lazy_mounter.release_unresumed();
+    if let Some(assembly) = &assembly {
+        assembly.remove_all_but(|digest| lazy_mounter.mounted(&digest.to_string()).is_some());
+    }
     // Mounts restored above serve containers started long ago: trace new ones only.
     mounter.start_recording();
     let snapshotter = Arc::new(snapshotter);

@@ -176,10 +176,23 @@ fn converted_image_starts_lazily_from_the_real_agent() {
     // kill -9: the FUSE session dies with the agent. The restarted agent remounts the
     // image and a new container starts.
     agent.kill9();
+    // The assembled passthrough files of an image the crash left behind (its unmount
+    // never ran) go at the restart; the remounted image's stay.
+    let assembled = state.join("cache").join("assembled");
+    let stale = assembled.join("ab".repeat(32));
+    std::fs::create_dir_all(&stale).expect("stale image dir");
+    std::fs::write(stale.join("file"), b"bytes").expect("stale assembled file");
+    let mounted_image_dir = assembled.join(index_digest.trim_start_matches("sha256:"));
+    std::fs::create_dir_all(&mounted_image_dir).expect("mounted image dir");
     agent.restart();
     containerd
         .wait_for_snapshotter(DEADLINE)
         .expect("containerd reconnects");
+    assert!(!stale.exists(), "stale assembled files removed at start");
+    assert!(
+        mounted_image_dir.is_dir(),
+        "the remounted image keeps its files"
+    );
     let out = containerd
         .run(
             CRI_NAMESPACE,
