@@ -60,7 +60,10 @@
 //!   file's bytes on disk a second time (bounded by [`AssemblyOptions::max_bytes`],
 //!   least recently used first out), one read and one write to assemble, one read
 //!   to verify on first use per process. While an access trace is recorded, only
-//!   single-chunk files pass through, and their open reports the chunk.
+//!   single-chunk files pass through, and their open reports the chunk. Open
+//!   modes and backing ids: `passthrough.rs`; assembled files: `assembly.rs`.
+//! - **Page-cache warming**: [`warm_page_cache`] asks the kernel to read, in a
+//!   prefetch plan's order, the local files a start will read (`warm.rs`).
 //! - **Access tracing**: [`ChunkAccess`] events report each chunk's first read,
 //!   for startup traces and prefetch plans (issue 5), through a bounded channel
 //!   that never blocks a reader.
@@ -91,6 +94,7 @@
 //! descriptor hand-over (`dup3(2)`, the resend notification), and passthrough
 //! backing ids (wrapping a raw id for a reply, closing one).
 
+mod assembly;
 mod attr;
 mod fs;
 mod metrics;
@@ -99,6 +103,7 @@ mod open_state;
 mod passthrough;
 mod read;
 mod trace;
+mod warm;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -108,13 +113,13 @@ use stoker_fetch::Fetcher;
 use stoker_format::Index;
 use tokio::runtime::{Handle, Runtime, RuntimeFlavor};
 
+pub use assembly::{
+    AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files, needs_assembly,
+};
 pub use metrics::FsCounters;
 pub use mount::{MountHandle, MountOptions, unmount};
-pub use passthrough::{
-    AssemblyOptions, AssemblyReport, VerifiedAssemblies, assemble_files, needs_assembly,
-    warm_page_cache,
-};
 pub use trace::ChunkAccess;
+pub use warm::warm_page_cache;
 
 /// Everything that can go wrong mounting or unmounting.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +238,7 @@ fn filesystem(
     let metrics = Arc::new(metrics::Metrics::new());
     let assembler = match &options.assembly {
         Some(assembly) if options.passthrough => Some(
-            passthrough::Assembler::start(
+            assembly::Assembler::start(
                 assembly,
                 Arc::clone(&index),
                 fetcher.cache().clone(),

@@ -34,7 +34,7 @@ use std::sync::mpsc::SyncSender;
 use fuser::{BackgroundSession, Config, InitFlags, Session, SessionACL};
 use tracing::{info, warn};
 
-use crate::passthrough::AssemblyOptions;
+use crate::assembly::AssemblyOptions;
 use crate::trace::ChunkAccess;
 use crate::{FsCounters, LazyFsError, Shared};
 
