@@ -159,7 +159,9 @@ fn a_file_this_process_wrote_is_not_hashed_again_until_the_cache_is_reopened() {
     // Changed behind the cache's back: the process that wrote it trusts it (the
     // documented trade-off; a warm open must not read and hash the file)...
     flip_byte(&cache.chunk_path(&digest), 0);
-    let served = cache.get(&digest).expect("written by this process: not re-hashed");
+    let served = cache
+        .get(&digest)
+        .expect("written by this process: not re-hashed");
     assert_eq!(served.len(), 3000);
     drop(served);
     assert_eq!(cache.usage().corrupt_dropped, 0);
