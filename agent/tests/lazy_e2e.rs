@@ -8,8 +8,8 @@ mod common;
 use std::path::Path;
 
 use common::{
-    AgentProcess, DEADLINE, EXPECTED, POLL, READ_LAYERS, containerd_tests_can_run, layer_gets,
-    push, runtime, three_layer_image,
+    AgentProcess, DEADLINE, EXPECTED, POLL, READ_LAYERS, layer_gets, push, runtime,
+    three_layer_image,
 };
 use stoker_testkit::containerd::{CRI_NAMESPACE, TestContainerd};
 use stoker_testkit::registry::TestRegistry;
@@ -43,11 +43,7 @@ fn running_tasks(containerd: &TestContainerd) -> usize {
 #[test]
 fn converted_image_starts_lazily_from_the_real_agent() {
     let test = "converted_image_starts_lazily_from_the_real_agent";
-    if !containerd_tests_can_run(test) {
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: {test}: /dev/fuse is absent");
+    if !common::lazy_containerd_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

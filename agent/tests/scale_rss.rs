@@ -19,8 +19,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use common::{
-    AgentProcess, DEADLINE, POLL, UnmountOnDrop, containerd_tests_can_run, pattern,
-    plain_http_client, push, runtime,
+    AgentProcess, DEADLINE, POLL, UnmountOnDrop, pattern, plain_http_client, push, runtime,
 };
 use stoker_format::{
     BlobInfo, ChunkId, ChunkRecord, ChunkTable, Chunking, Digest, EncodedIndex, FilePiece, Meta,
@@ -267,11 +266,7 @@ fn walk_and_read(root: &Path) -> usize {
 #[test]
 fn the_agent_serves_a_million_files_and_a_10_gb_sparse_file_in_bounded_memory() {
     let test = "the_agent_serves_a_million_files_and_a_10_gb_sparse_file_in_bounded_memory";
-    if !containerd_tests_can_run(test) {
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: {test}: /dev/fuse is absent");
+    if !common::lazy_containerd_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

@@ -198,11 +198,7 @@ fn agents_requests(requests: &[LoggedRequest]) -> Vec<&LoggedRequest> {
 #[test]
 fn a_pull_after_a_plan_asks_the_registry_for_no_referrers_and_no_index() {
     let test = "a_pull_after_a_plan_asks_the_registry_for_no_referrers_and_no_index";
-    if !containerd_tests_can_run(test) {
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIPPED: {test}: /dev/fuse is absent");
+    if !common::lazy_containerd_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();

@@ -59,6 +59,18 @@ pub fn containerd_tests_can_run(test: &str) -> bool {
         }
 }
 
+/// [`containerd_tests_can_run`], and /dev/fuse for the lazy mounts; prints
+/// SKIPPED otherwise.
+pub fn lazy_containerd_tests_can_run(test: &str) -> bool {
+    containerd_tests_can_run(test) && {
+        let ok = Path::new("/dev/fuse").exists();
+        if !ok {
+            eprintln!("SKIPPED: {test}: /dev/fuse is absent");
+        }
+        ok
+    }
+}
+
 /// A tokio runtime for the async helpers of sync tests.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
