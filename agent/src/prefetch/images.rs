@@ -252,16 +252,12 @@ impl NodeImages {
 
 /// The layer digests of an image manifest, bottom to top.
 fn layer_digests(manifest: &[u8]) -> Result<Vec<String>, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct Layer {
-        digest: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Manifest {
-        layers: Vec<Layer>,
-    }
-    let manifest: Manifest = serde_json::from_slice(manifest)?;
-    Ok(manifest.layers.into_iter().map(|l| l.digest).collect())
+    let manifest: stoker_registry::ImageManifest = serde_json::from_slice(manifest)?;
+    Ok(manifest
+        .layers()
+        .iter()
+        .map(|layer| layer.digest().to_string())
+        .collect())
 }
 
 /// `registry/repository` of an image reference, and the parsed reference.
