@@ -565,33 +565,13 @@ fn measure(args: &Args) -> Result<Section, Error> {
     let cache_dir = work.path().join("cache");
     let cache = ChunkCache::open(&cache_dir, 64 << 30)?;
     let fetcher = Fetcher::new(Arc::clone(&source), cache.clone(), FetchConfig::default());
+    // Written by this process, so the cache takes them as checked, as a node's
+    // agent does for the chunks it fetched.
     runtime.block_on(fetcher.prefetch(&index.chunks().collect::<Vec<_>>()))?;
-    // The cache checks each chunk file on its first use in a process; do that
-    // now, as a node's agent has done for the chunks it serves.
-    read_chunk_files(&cache, &index)?;
     let mut fuse = Warm::default();
     for _ in 0..rounds {
         let handle = mount(&index, &fetcher, &mountpoint, no_passthrough())?;
-        for _ in 0..DISK_REPEATS {
-            fuse.large_disk.measure(
-                || {
-                    drop_page_cache()?;
-                    seconds(read_file(&mounted_large)?)
-                },
-                || {
-                    drop_page_cache()?;
-                    seconds(read_file(&native_large)?)
-                },
-            )?;
-        }
-        // Both files in memory: the mount's from its last read, native's now.
-        let _ = read_file(&native_large)?;
-        for _ in 0..MEMORY_REPEATS {
-            fuse.large_memory.measure(
-                || seconds(read_file(&mounted_large)?),
-                || seconds(read_file(&native_large)?),
-            )?;
-        }
+        fuse.measure_large_file(&mounted_large, &native_large)?;
         fuse.small_disk.measure(
             || {
                 drop_page_cache()?;
@@ -693,25 +673,7 @@ fn measure(args: &Args) -> Result<Section, Error> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let before = handle.counters();
-        for _ in 0..DISK_REPEATS {
-            through.large_disk.measure(
-                || {
-                    drop_page_cache()?;
-                    seconds(read_file(&mounted_large)?)
-                },
-                || {
-                    drop_page_cache()?;
-                    seconds(read_file(&native_large)?)
-                },
-            )?;
-        }
-        let _ = read_file(&native_large)?;
-        for _ in 0..MEMORY_REPEATS {
-            through.large_memory.measure(
-                || seconds(read_file(&mounted_large)?),
-                || seconds(read_file(&native_large)?),
-            )?;
-        }
+        through.measure_large_file(&mounted_large, &native_large)?;
         let _ = read_files(&native, &image.small_files)?;
         let _ = read_files(&mountpoint, &image.small_files)?;
         for _ in 0..MEMORY_REPEATS {
@@ -856,6 +818,33 @@ struct Warm {
     small_disk: Pairs,
     small_memory: Pairs,
     small_first: Pairs,
+}
+
+impl Warm {
+    /// The large file, warm: from disk (both page caches dropped before each
+    /// pair), then in memory (the mount's from its last read, native's read now).
+    fn measure_large_file(&mut self, mounted: &Path, native: &Path) -> Result<(), Error> {
+        for _ in 0..DISK_REPEATS {
+            self.large_disk.measure(
+                || {
+                    drop_page_cache()?;
+                    seconds(read_file(mounted)?)
+                },
+                || {
+                    drop_page_cache()?;
+                    seconds(read_file(native)?)
+                },
+            )?;
+        }
+        let _ = read_file(native)?;
+        for _ in 0..MEMORY_REPEATS {
+            self.large_memory.measure(
+                || seconds(read_file(mounted)?),
+                || seconds(read_file(native)?),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads every cached chunk file once, so its pages are in the page cache.
