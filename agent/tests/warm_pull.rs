@@ -22,8 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    AgentChild, DEADLINE, EXPECTED, POLL, READ_LAYERS, containerd_tests_can_run, layer_gets, push,
-    three_layer_image,
+    AgentChild, DEADLINE, EXPECTED, POLL, READ_LAYERS, layer_gets, push, three_layer_image,
 };
 use stoker_api::agent::agent_client::AgentClient;
 use stoker_api::agent::{PrefetchRequest as Wire, PrefetchState};
@@ -300,7 +299,7 @@ fn measured_image() -> ImageBuilder {
 #[ignore = "a measurement: prints where a warmed pull's time goes; run with --ignored --nocapture"]
 fn measure_the_pull_of_a_warmed_image() {
     let test = "measure_the_pull_of_a_warmed_image";
-    if !containerd_tests_can_run(test) {
+    if !common::lazy_containerd_tests_can_run(test) {
         return;
     }
     stoker_registry::install_crypto_provider();
